@@ -1,0 +1,1 @@
+"""Numba kernels on flat numpy arrays (installed as p2pdl.kernels)."""

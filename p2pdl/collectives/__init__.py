@@ -1,0 +1,1 @@
+"""Collective algorithms over the transport: pure slicing plans and async executors."""

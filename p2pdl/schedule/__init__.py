@@ -1,0 +1,1 @@
+"""Group scheduling: job specs, the pure iteration-group planner, leader and worker loops."""

@@ -1,0 +1,1 @@
+"""Test harnesses: the local-cluster fixture and namespace hosts."""

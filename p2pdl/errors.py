@@ -56,6 +56,8 @@ class PeerLostError(P2PDLError):
 
     def __init__(self, ranks: Iterable[int], detail: str = "", *, operation: str = "") -> None:
         self.ranks = tuple(sorted(set(ranks)))
+        self.detail = detail
+        self.operation = operation
         what = f" during {operation}" if operation else ""
         more = f": {detail}" if detail else ""
         super().__init__(f"lost {_ranks_text(self.ranks)}{what}{more}")

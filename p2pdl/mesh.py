@@ -1,0 +1,252 @@
+"""The listening server and the full mesh of authenticated links of one membership epoch.
+
+Each pair of ranks shares one connection: the higher rank dials the lower one. The server
+keeps accepting after startup so that misbehaving clients are turned away one by one while
+established links carry on, and so that a leader can take join requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from p2pdl.config import Limits, Timeouts
+from p2pdl.errors import (
+    AuthenticationError,
+    CollectiveTimeoutError,
+    ConfigError,
+    P2PDLError,
+    PeerLostError,
+    ProtocolError,
+)
+from p2pdl.transport import Credentials, Link, accept_handshake, dial_handshake
+
+log = logging.getLogger("p2pdl.mesh")
+
+JoinHandler = Callable[[Link, dict[str, Any]], Awaitable[None]]
+
+
+class Listener:
+    """A TCP server whose accepted connections must authenticate before anything else."""
+
+    def __init__(self, creds: Credentials, limits: Limits, timeouts: Timeouts) -> None:
+        self.creds = creds
+        self.limits = limits
+        self.timeouts = timeouts
+        self.rank = -1
+        self.address: tuple[str, int] = ("", 0)
+        self._server: asyncio.AbstractServer | None = None
+        self._expected: dict[int, asyncio.Future[Link]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._open_links: set[Link] = set()
+        self.join_handler: JoinHandler | None = None
+        self.rejected = 0
+        """How many connections were turned away (bad handshakes, garbage, timeouts)."""
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(
+                self._make_link, host, port, reuse_address=True, backlog=128
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        sockname = self._server.sockets[0].getsockname()
+        self.address = (host, int(sockname[1]))
+        return self.address
+
+    def _make_link(self) -> Link:
+        link = Link(self.limits, label="unauthenticated client")
+        task = asyncio.ensure_future(self._serve(link))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return link
+
+    def expect(self, rank: int) -> asyncio.Future[Link]:
+        """A future for the authenticated link that `rank` will dial in on."""
+        future = self._expected.get(rank)
+        if future is None or future.done():
+            future = asyncio.get_running_loop().create_future()
+            self._expected[rank] = future
+        return future
+
+    def _admit(self, hello: dict[str, Any]) -> dict[str, Any]:
+        rank = hello["rank"]
+        if rank == -1 and hello.get("join") and self.join_handler is not None:
+            return {}
+        future = self._expected.get(rank)
+        if future is None:
+            raise ProtocolError(f"rank {rank} is not expected to connect to rank {self.rank}")
+        if future.done():
+            raise ProtocolError(f"rank {rank} is already connected")
+        return {}
+
+    async def _serve(self, link: Link) -> None:
+        self._open_links.add(link)
+        hello: dict[str, Any] | None = None
+        try:
+            async with asyncio.timeout(self.timeouts.handshake):
+                hello = await accept_handshake(link, self.creds, self.rank, self._admit)
+        except (P2PDLError, TimeoutError) as exc:
+            self.rejected += 1
+            claimed = hello["rank"] if hello else None
+            log.info("turned away a connection: %s", exc or "handshake timed out")
+            if isinstance(exc, AuthenticationError) and exc.rank is not None:
+                future = self._expected.get(exc.rank)
+                if future is not None and not future.done():
+                    future.set_exception(exc)
+            del claimed
+            link.close()
+            self._open_links.discard(link)
+            return
+        if hello["rank"] == -1 and self.join_handler is not None:
+            await self.join_handler(link, hello)
+            return
+        future = self._expected[hello["rank"]]
+        if future.done():
+            link.close()
+        else:
+            future.set_result(link)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for link in list(self._open_links):
+            if not link.authenticated:
+                link.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for future in self._expected.values():
+            if not future.done():
+                future.cancel()
+
+
+async def dial(
+    host: str,
+    port: int,
+    limits: Limits,
+    deadline: float,
+    *,
+    label: str,
+) -> Link:
+    """Connect to host:port, retrying refused connections until `deadline` (loop time)."""
+    loop = asyncio.get_running_loop()
+    delay = 0.01
+    while True:
+        try:
+            _transport, link = await loop.create_connection(
+                lambda: Link(limits, label=label, dialing=True), host, port
+            )
+            return link
+        except OSError as exc:
+            if loop.time() + delay >= deadline:
+                raise PeerLostError([], f"cannot reach {label} at {host}:{port}: {exc}") from None
+            await asyncio.sleep(delay)  # back-off between connection attempts, not a sync point
+            delay = min(delay * 2, 0.5)
+
+
+class Mesh:
+    """Authenticated links from this rank to every other rank of one epoch."""
+
+    def __init__(
+        self,
+        rank: int,
+        addresses: list[tuple[str, int]],
+        listener: Listener,
+        timeouts: Timeouts,
+    ) -> None:
+        self.rank = rank
+        self.addresses = addresses
+        self.world_size = len(addresses)
+        self.listener = listener
+        self.timeouts = timeouts
+        self.links: dict[int, Link] = {}
+        self.lost: dict[int, P2PDLError] = {}
+        self._watchers: list[Callable[[int, P2PDLError], None]] = []
+        self._op_counter = 0
+
+    def next_op_id(self) -> int:
+        """Collectives are numbered in call order; every rank must call them in one order."""
+        self._op_counter += 1
+        return self._op_counter
+
+    async def connect(self) -> None:
+        """Dial lower ranks and wait for higher ones, within `timeouts.connect`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeouts.connect
+        self.listener.rank = self.rank
+        incoming = {r: self.listener.expect(r) for r in range(self.rank + 1, self.world_size)}
+        dials = {r: asyncio.ensure_future(self._dial(r, deadline)) for r in range(self.rank)}
+        pending: dict[int, asyncio.Future[Link]] = {**incoming, **dials}
+        try:
+            async with asyncio.timeout_at(deadline):
+                for rank, future in pending.items():
+                    self._adopt(rank, await future)
+        except TimeoutError:
+            missing = [r for r, f in pending.items() if not f.done() or f.cancelled()]
+            raise CollectiveTimeoutError(
+                f"rank {self.rank} connecting to the cluster", self.timeouts.connect, missing
+            ) from None
+        finally:
+            for future in pending.values():
+                if not future.done():
+                    future.cancel()
+
+    async def _dial(self, rank: int, deadline: float) -> Link:
+        host, port = self.addresses[rank]
+        creds = self.listener.creds
+        while True:
+            link = await dial(host, port, self.listener.limits, deadline, label=f"rank {rank}")
+            try:
+                await dial_handshake(link, creds, self.rank, rank, None)
+                return link
+            except PeerLostError:
+                # The peer went away mid-handshake (it may be restarting): try again.
+                link.close()
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise
+            except P2PDLError:
+                link.close()
+                raise
+
+    def _adopt(self, rank: int, link: Link) -> None:
+        self.links[rank] = link
+        link.on_lost = lambda lost: self._on_lost(rank, lost)
+        if link.lost is not None:
+            self._on_lost(rank, link)
+
+    def _on_lost(self, rank: int, link: Link) -> None:
+        error = link.lost or PeerLostError([rank])
+        if not isinstance(error, PeerLostError):
+            error = PeerLostError([rank], str(error))
+        if rank in self.lost:
+            return
+        self.lost[rank] = error
+        for watcher in list(self._watchers):
+            watcher(rank, error)
+
+    def watch(self, callback: Callable[[int, P2PDLError], None]) -> Callable[[], None]:
+        """Call `callback(rank, error)` when a link is lost; returns the unsubscribe function."""
+        self._watchers.append(callback)
+        return lambda: self._watchers.remove(callback) if callback in self._watchers else None
+
+    def link(self, rank: int) -> Link:
+        """The link to `rank`, or PeerLostError if it is gone."""
+        error = self.lost.get(rank)
+        if error is not None:
+            raise error
+        return self.links[rank]
+
+    async def close(self) -> None:
+        links = list(self.links.values())
+        for link in links:
+            link.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait(
+                [asyncio.ensure_future(asyncio.shield(link.closed)) for link in links],
+                timeout=self.timeouts.shutdown,
+            ) if links else None

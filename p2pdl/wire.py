@@ -1,0 +1,253 @@
+"""Frames on the wire: a fixed binary prefix, a msgpack header of plain types, a raw payload.
+
+    prefix  = magic "P2" | version u8 | flags u8 | header length u32 | payload length u64
+    header  = msgpack map (str keys; ints, floats, str, bytes, lists, maps; never pickle)
+    payload = raw bytes, received straight into the buffer posted for the frame's tag
+
+`FrameReader` is a sans-I/O parser built for `asyncio.BufferedProtocol`: it hands out the
+memory the next bytes should land in, so that a payload is written by the kernel directly
+into its final buffer. Limits are checked from the prefix, before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from p2pdl.errors import ProtocolError
+
+MAGIC = b"P2"
+VERSION = 1
+PREFIX = struct.Struct("<2sBBIQ")
+PREFIX_SIZE = PREFIX.size
+MAX_HEADER = 64 * 1024
+
+_SCRATCH = 64 * 1024
+
+_packer_default = msgpack.Packer(use_bin_type=True, autoreset=True)
+
+
+def pack_header(header: dict[str, Any]) -> bytes:
+    """Pack a header map; refuse anything msgpack would need an extension type for."""
+    try:
+        return _packer_default.pack(header)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"frame header holds a value msgpack cannot carry: {exc}") from None
+
+
+def encode_head(header: dict[str, Any], payload_len: int = 0) -> bytes:
+    """Prefix and packed header of one frame; the payload is written after it, uncopied."""
+    packed = pack_header(header)
+    if len(packed) > MAX_HEADER:
+        raise ValueError(f"frame header of {len(packed)} bytes exceeds {MAX_HEADER}")
+    return PREFIX.pack(MAGIC, VERSION, 0, len(packed), payload_len) + packed
+
+
+def encode_frame(header: dict[str, Any], payload: bytes | memoryview = b"") -> bytes:
+    """A whole frame as one bytes object (tests and tiny control messages only)."""
+    return encode_head(header, len(payload)) + bytes(payload)
+
+
+@dataclass(frozen=True, slots=True)
+class FrameHead:
+    """A parsed header whose payload has not been read yet."""
+
+    header: dict[str, Any]
+    payload_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A complete frame; `payload` is the destination view that was provided for it."""
+
+    header: dict[str, Any]
+    payload: memoryview
+
+
+def _unpack_header(raw: memoryview) -> dict[str, Any]:
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"undecodable frame header: {type(exc).__name__}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"frame header is a {type(header).__name__}, not a map")
+    return header
+
+
+class FrameReader:
+    """Incremental frame parser: `get_buffer` → (bytes written) → `advance` → `poll`.
+
+    `poll` returns a `FrameHead` once a header is complete; the owner then calls `provide`
+    with a writable view of exactly `payload_len` bytes (the posted buffer, or a fresh one)
+    and keeps polling until the `Frame` comes out. Until `provide` is called, `get_buffer`
+    must not be called: the owner pauses reading, which is how unposted tags push back.
+    """
+
+    __slots__ = (
+        "_dest",
+        "_dest_filled",
+        "_head",
+        "_header_len",
+        "_max_header",
+        "_max_payload",
+        "_pending",
+        "_scratch",
+        "_scratch_end",
+        "_scratch_pos",
+        "_scratch_view",
+        "_state",
+    )
+
+    _PREFIX, _HEADER, _WAIT_DEST, _PAYLOAD, _DISCARD = range(5)
+
+    def __init__(self, *, max_header: int = MAX_HEADER, max_payload: int = 1 << 62) -> None:
+        self._max_header = max_header
+        self._max_payload = max_payload
+        self._scratch = bytearray(_SCRATCH)
+        self._scratch_view = memoryview(self._scratch)
+        self._scratch_pos = 0
+        self._scratch_end = 0
+        self._state = self._PREFIX
+        self._header_len = 0
+        self._pending = 0
+        self._head: FrameHead | None = None
+        self._dest: memoryview | None = None
+        self._dest_filled = 0
+
+    def set_limits(self, *, max_header: int, max_payload: int) -> None:
+        """Tighten or relax limits (after authentication a peer may send larger frames)."""
+        self._max_header = max_header
+        self._max_payload = max_payload
+
+    @property
+    def waiting_for_destination(self) -> bool:
+        return self._state == self._WAIT_DEST
+
+    @property
+    def pending_head(self) -> FrameHead | None:
+        """The header whose payload has no destination yet, if any."""
+        return self._head if self._state == self._WAIT_DEST else None
+
+    def get_buffer(self) -> memoryview:
+        """Where the next received bytes must be written (never empty)."""
+        if self._state == self._PAYLOAD and self._dest is not None:
+            return self._dest[self._dest_filled :]
+        if self._state == self._WAIT_DEST:
+            raise RuntimeError("get_buffer called while a payload destination is pending")
+        if self._state == self._DISCARD and self._scratch_pos == self._scratch_end:
+            self._scratch_pos = self._scratch_end = 0
+            return self._scratch_view[: min(len(self._scratch), self._pending)]
+        if self._scratch_pos == self._scratch_end:
+            self._scratch_pos = self._scratch_end = 0
+        elif self._scratch_end == len(self._scratch):
+            # Move the unparsed tail to the front; it is at most one prefix + header long.
+            tail = self._scratch_end - self._scratch_pos
+            self._scratch[:tail] = self._scratch[self._scratch_pos : self._scratch_end]
+            self._scratch_pos, self._scratch_end = 0, tail
+        need = len(self._scratch) - self._scratch_end
+        if self._state == self._HEADER:
+            want = self._header_len - (self._scratch_end - self._scratch_pos)
+            if want > need:  # a header larger than scratch room: grow once, bounded by limits
+                self._grow(self._header_len + PREFIX_SIZE)
+        return self._scratch_view[self._scratch_end :]
+
+    def _grow(self, size: int) -> None:
+        data = self._scratch[self._scratch_pos : self._scratch_end]
+        self._scratch = bytearray(max(size, _SCRATCH))
+        self._scratch[: len(data)] = data
+        self._scratch_view = memoryview(self._scratch)
+        self._scratch_pos, self._scratch_end = 0, len(data)
+
+    def advance(self, nbytes: int) -> None:
+        """Record that `nbytes` were written into the view returned by `get_buffer`."""
+        if self._state == self._PAYLOAD:
+            self._dest_filled += nbytes
+        else:
+            self._scratch_end += nbytes
+
+    def discard(self) -> None:
+        """Drop the pending payload without allocating for it (a refused or failed frame)."""
+        if self._state != self._WAIT_DEST or self._head is None:
+            raise RuntimeError("discard called with no pending payload")
+        take = min(self._scratch_end - self._scratch_pos, self._head.payload_len)
+        self._scratch_pos += take
+        self._pending = self._head.payload_len - take
+        self._head = None
+        self._state = self._DISCARD
+
+    def provide(self, destination: memoryview) -> None:
+        """Give the pending payload its destination; buffered payload bytes are copied in."""
+        head = self._head
+        if self._state != self._WAIT_DEST or head is None:
+            raise RuntimeError("provide called with no pending payload")
+        if destination.nbytes != head.payload_len:
+            raise ValueError(
+                f"destination holds {destination.nbytes} bytes, payload is {head.payload_len}"
+            )
+        dest = destination.cast("B") if destination.format != "B" else destination
+        take = min(self._scratch_end - self._scratch_pos, head.payload_len)
+        if take:
+            dest[:take] = self._scratch_view[self._scratch_pos : self._scratch_pos + take]
+            self._scratch_pos += take
+        self._dest = dest
+        self._dest_filled = take
+        self._state = self._PAYLOAD
+
+    def poll(self) -> FrameHead | Frame | None:
+        """Parse what has arrived; return the next event or None when more bytes are needed."""
+        while True:
+            state = self._state
+            if state == self._PAYLOAD:
+                dest = self._dest
+                assert dest is not None and self._head is not None
+                if self._dest_filled < dest.nbytes:
+                    return None
+                frame = Frame(self._head.header, dest)
+                self._dest = None
+                self._head = None
+                self._state = self._PREFIX
+                return frame
+            if state == self._WAIT_DEST:
+                return None
+            available = self._scratch_end - self._scratch_pos
+            if state == self._DISCARD:
+                take = min(available, self._pending)
+                self._scratch_pos += take
+                self._pending -= take
+                if self._pending:
+                    return None
+                self._state = self._PREFIX
+                continue
+            if state == self._PREFIX:
+                if available < PREFIX_SIZE:
+                    return None
+                magic, version, _flags, header_len, payload_len = PREFIX.unpack_from(
+                    self._scratch, self._scratch_pos
+                )
+                if magic != MAGIC:
+                    raise ProtocolError(f"bad magic {bytes(magic)!r}")
+                if version != VERSION:
+                    raise ProtocolError(f"unsupported protocol version {version}")
+                if header_len == 0 or header_len > self._max_header:
+                    raise ProtocolError(f"header length {header_len} outside 1..{self._max_header}")
+                if payload_len > self._max_payload:
+                    raise ProtocolError(
+                        f"payload length {payload_len} exceeds the limit {self._max_payload}"
+                    )
+                self._scratch_pos += PREFIX_SIZE
+                self._header_len = header_len
+                self._pending = payload_len
+                self._state = self._HEADER
+                continue
+            # state == _HEADER
+            if available < self._header_len:
+                return None
+            start = self._scratch_pos
+            header = _unpack_header(self._scratch_view[start : start + self._header_len])
+            self._scratch_pos += self._header_len
+            self._head = FrameHead(header, self._pending)
+            self._state = self._WAIT_DEST
+            return self._head

@@ -1,0 +1,230 @@
+"""The collective entry points: argument checks, phase 1 (local sum), algorithm choice.
+
+`choose_algorithm` is the documented "auto" policy (measured on loopback, 2 cores; see
+docs/benchmarks.md): one-hop `direct` exchange while latency dominates, BigDL's `sliced`
+all-to-all above that. `ring` is kept for link-bound networks, where it is chosen explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from p2pdl import kernels
+from p2pdl.collectives.baselines import allreduce_driver, allreduce_tree
+from p2pdl.collectives.compute import Compute, ScratchPool
+from p2pdl.collectives.context import OnSlice, ReduceContext
+from p2pdl.collectives.op import Group, Operation
+from p2pdl.collectives.plan import SlicePlan, plan_slices
+from p2pdl.collectives.ring import allreduce_ring
+from p2pdl.collectives.sliced import allgather_slices, allreduce_sliced, reduce_scatter
+from p2pdl.collectives.small import allreduce_direct, barrier, broadcast
+
+ALGORITHMS = {
+    "direct": allreduce_direct,
+    "sliced": allreduce_sliced,
+    "ring": allreduce_ring,
+    "driver": allreduce_driver,
+    "tree": allreduce_tree,
+}
+OPS = ("sum", "mean")
+COMPRESSIONS = (None, "bf16", "fp16")
+DIRECT_MAX_BYTES = 64 * 1024
+"""At or below this size (per rank), one all-to-all hop beats slicing."""
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+
+
+def choose_algorithm(nbytes: int, world_size: int) -> str:
+    """The "auto" policy: `direct` for small buffers, `sliced` otherwise."""
+    if world_size <= 1 or nbytes * max(1, world_size - 1) <= DIRECT_MAX_BYTES * 2:
+        return "direct"
+    return "sliced"
+
+
+def as_flat_array(array: Any, what: str = "array") -> np.ndarray:
+    """A flat, writable numpy view of a contiguous float32/float64 numpy array or CPU tensor."""
+    if not isinstance(array, np.ndarray):
+        module = type(array).__module__
+        if module.startswith("torch"):
+            if getattr(array, "device", None) is not None and array.device.type != "cpu":
+                raise TypeError(f"{what} must be a CPU tensor, got one on {array.device}")
+            if not array.is_contiguous():
+                raise ValueError(f"{what} must be contiguous")
+            array = array.detach().numpy()
+        else:
+            raise TypeError(f"{what} must be a numpy array or a torch CPU tensor, got {module}")
+    if array.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{what} must be float32 or float64, got {array.dtype}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{what} must be C-contiguous")
+    if not array.flags.writeable:
+        raise ValueError(f"{what} must be writable (the result is written in place)")
+    return array.reshape(-1)
+
+
+def _local_buffers(arrays: Any) -> list[np.ndarray]:
+    if isinstance(arrays, Sequence) and not isinstance(arrays, np.ndarray):
+        if not arrays:
+            raise ValueError("allreduce needs at least one buffer")
+        flats = [as_flat_array(a, f"buffer {i}") for i, a in enumerate(arrays)]
+        first = flats[0]
+        for i, flat in enumerate(flats[1:], start=1):
+            if flat.dtype != first.dtype or flat.size != first.size:
+                raise ValueError(
+                    f"local buffer {i} is {flat.dtype}[{flat.size}], "
+                    f"buffer 0 is {first.dtype}[{first.size}]"
+                )
+        return flats
+    return [as_flat_array(arrays)]
+
+
+class Collectives:
+    """The collectives of one rank over one group (a mesh of one membership epoch)."""
+
+    def __init__(
+        self,
+        group: Group,
+        *,
+        timeout: float,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        compute: Compute | None = None,
+    ) -> None:
+        self.group = group
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self.compute = compute or Compute()
+        self.scratch = ScratchPool()
+
+    def _context(
+        self,
+        op: Operation,
+        buf: np.ndarray,
+        *,
+        mean: bool,
+        compression: str | None,
+        on_slice: OnSlice | None,
+    ) -> ReduceContext:
+        wire_itemsize = 2 if compression else buf.itemsize
+        return ReduceContext(
+            op=op,
+            buf=buf,
+            compute=self.compute,
+            scratch=self.scratch,
+            chunk_elems=max(1, self.chunk_bytes // wire_itemsize),
+            mean=mean,
+            compression=compression,
+            on_slice=on_slice,
+        )
+
+    async def allreduce(
+        self,
+        arrays: Any,
+        *,
+        op: str = "sum",
+        algorithm: str = "auto",
+        compression: str | None = None,
+        on_slice: OnSlice | None = None,
+        timeout: float | None = None,
+        local_copies: bool = True,
+    ) -> None:
+        """Sum (or average) buffers across ranks, in place.
+
+        `arrays` is one buffer or the K local buffers of this node (model replicas): phase 1
+        sums those into the first one before anything touches the network; with
+        `local_copies` the result is copied back into the others.
+        """
+        if op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+        if algorithm != "auto" and algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be 'auto' or one of {sorted(ALGORITHMS)}")
+        buffers = _local_buffers(arrays)
+        buf = buffers[0]
+        if compression is not None and buf.dtype != np.float32:
+            raise TypeError(f"{compression} compression needs float32 buffers, got {buf.dtype}")
+        if len(buffers) > 1:
+            kernels.sum_into(buf, buffers)
+        n = self.group.world_size
+        chosen = choose_algorithm(buf.nbytes, n) if algorithm == "auto" else algorithm
+        if compression is not None and chosen in ("driver", "tree"):
+            raise ValueError(f"the {chosen} baseline sends full precision; use no compression")
+        descriptor = f"allreduce({chosen}, {op}, {buf.dtype}[{buf.size}], {compression})"
+        operation = Operation(self.group, "allreduce", descriptor, timeout or self.timeout)
+        ctx = self._context(
+            operation, buf, mean=op == "mean", compression=compression, on_slice=on_slice
+        )
+        if n == 1:
+            if op == "mean" or compression:
+                await allreduce_direct(ctx)
+            elif on_slice is not None:
+                await ctx.finish_slice(0, buf.size)
+        else:
+            await operation.run(lambda: ALGORITHMS[chosen](ctx))
+        if local_copies:
+            for other in buffers[1:]:
+                np.copyto(other, buf)
+
+    def plan(self, size: int) -> SlicePlan:
+        """The slice plan `reduce_scatter` and `allgather` use for `size` elements."""
+        return plan_slices(size, self.group.world_size, max(1, self.chunk_bytes // 4))
+
+    async def reduce_scatter(
+        self,
+        array: Any,
+        *,
+        op: str = "sum",
+        on_slice: OnSlice | None = None,
+        timeout: float | None = None,
+    ) -> tuple[int, int]:
+        """Reduce into this rank's slice only; returns its (start, stop)."""
+        if op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        buf = as_flat_array(array)
+        plan = self.plan(buf.size)
+        descriptor = f"reduce_scatter({op}, {buf.dtype}[{buf.size}])"
+        operation = Operation(self.group, "reduce_scatter", descriptor, timeout or self.timeout)
+        ctx = self._context(operation, buf, mean=op == "mean", compression=None, on_slice=on_slice)
+        if self.group.world_size == 1:
+            await ctx.finish_slice(0, buf.size)
+        else:
+            await operation.run(lambda: reduce_scatter(ctx, plan, then_gather=False))
+        return plan.slices[self.group.rank]
+
+    async def allgather(self, array: Any, *, timeout: float | None = None) -> None:
+        """Every rank's slice (as `reduce_scatter` assigns them) is copied to every rank."""
+        buf = as_flat_array(array)
+        if self.group.world_size == 1:
+            return
+        plan = self.plan(buf.size)
+        descriptor = f"allgather({buf.dtype}[{buf.size}])"
+        operation = Operation(self.group, "allgather", descriptor, timeout or self.timeout)
+        ctx = self._context(operation, buf, mean=False, compression=None, on_slice=None)
+        await operation.run(lambda: allgather_slices(ctx, plan))
+
+    async def broadcast(self, array: Any, *, root: int = 0, timeout: float | None = None) -> None:
+        """Copy `array` from `root` to every rank, in place."""
+        n = self.group.world_size
+        if not isinstance(root, int) or not 0 <= root < n:
+            raise ValueError(f"root must be a rank in 0..{n - 1}, got {root!r}")
+        if isinstance(array, np.ndarray):
+            if not array.flags.c_contiguous or not array.flags.writeable:
+                raise ValueError("broadcast needs a writable C-contiguous array")
+            buf = array
+        else:
+            buf = as_flat_array(array)
+        if n == 1:
+            return
+        descriptor = f"broadcast(root {root}, {buf.dtype}[{buf.size}])"
+        operation = Operation(self.group, "broadcast", descriptor, timeout or self.timeout)
+        elems = max(1, self.chunk_bytes // 4)
+        await operation.run(lambda: broadcast(operation, buf, root, elems))
+
+    async def barrier(self, *, timeout: float | None = None) -> None:
+        """Return once every rank has called `barrier`."""
+        if self.group.world_size == 1:
+            return
+        operation = Operation(self.group, "barrier", "barrier", timeout or self.timeout)
+        await operation.run(lambda: barrier(operation))

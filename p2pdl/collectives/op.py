@@ -1,0 +1,200 @@
+"""One collective in flight: its tags, its single deadline, its failure modes.
+
+Every rank numbers its collectives in call order; operation `k` owns the tags
+`[k << SUB_BITS, (k + 1) << SUB_BITS)` on every link, so many collectives can be in flight on
+one connection without their frames crossing. Every data frame carries the operation's
+descriptor (kind, size, dtype, op, algorithm); a receiver that sees a different one fails the
+operation with `CollectiveMismatchError` and tells every other rank, so all of them fail
+with the same clear message instead of hanging. A lost peer or the deadline fails the whole
+operation, and the error names the ranks that were missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+from p2pdl.errors import (
+    CollectiveMismatchError,
+    CollectiveTimeoutError,
+    P2PDLError,
+    PeerLostError,
+)
+
+SUB_BITS = 24
+ABORT_SUB = (1 << SUB_BITS) - 1
+T = TypeVar("T")
+
+
+class LinkLike(Protocol):
+    """What an operation needs from a transport link."""
+
+    def post(
+        self, tag: int, view: memoryview | None = None, check: Any = None
+    ) -> asyncio.Future[tuple[dict[str, Any], memoryview]]: ...
+
+    async def send(self, header: dict[str, Any], payload: memoryview | None = None) -> None: ...
+
+    def send_nowait(self, header: dict[str, Any]) -> None: ...
+
+    def retire(self, lo: int, hi: int) -> None: ...
+
+
+class Group(Protocol):
+    """What an operation needs from the mesh: ranks, links, loss notifications, op numbers."""
+
+    rank: int
+    world_size: int
+
+    def link(self, rank: int) -> LinkLike: ...
+
+    def watch(self, callback: Callable[[int, P2PDLError], None]) -> Callable[[], None]: ...
+
+    def next_op_id(self) -> int: ...
+
+
+class Operation:
+    """Tags, descriptor checks, missing-rank bookkeeping and failure for one collective."""
+
+    def __init__(self, group: Group, name: str, descriptor: str, timeout: float) -> None:
+        self.group = group
+        self.name = name
+        self.descriptor = descriptor
+        self.timeout = timeout
+        self.rank = group.rank
+        self.world_size = group.world_size
+        self.base = group.next_op_id() << SUB_BITS
+        self._waiting: dict[asyncio.Future[Any], int] = {}
+        self._error: P2PDLError | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._reported = False
+
+    # ------------------------------------------------------------------------- frames
+    def _check(self, peer: int) -> Callable[[dict[str, Any], int], None]:
+        def check(header: dict[str, Any], _size: int) -> None:
+            theirs = header.get("d")
+            if theirs != self.descriptor:
+                raise CollectiveMismatchError(
+                    self.name,
+                    f"rank {peer} called {theirs}, rank {self.rank} called {self.descriptor}",
+                    [peer, self.rank],
+                )
+
+        return check
+
+    def recv(self, peer: int, sub: int, view: memoryview | None) -> asyncio.Future[Any]:
+        """Post a receive for frame `sub` from `peer` into `view` (None: a new buffer)."""
+        future = self.group.link(peer).post(self.base | sub, view, self._check(peer))
+        self._waiting[future] = peer
+        future.add_done_callback(self._settled)
+        return future
+
+    def _settled(self, future: asyncio.Future[Any]) -> None:
+        self._waiting.pop(future, None)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if isinstance(error, P2PDLError):
+            self.fail(error)
+
+    async def send(self, peer: int, sub: int, payload: memoryview | None = None) -> None:
+        await self.group.link(peer).send({"t": self.base | sub, "d": self.descriptor}, payload)
+
+    # ------------------------------------------------------------------------ running
+    async def run(self, body: Callable[[], Awaitable[T]]) -> T:
+        """Run `body` under the deadline; translate loss, mismatch and timeout into errors."""
+        group = self.group
+        aborts = []
+        for peer in range(self.world_size):
+            if peer == self.rank:
+                continue
+            try:
+                abort = group.link(peer).post(self.base | ABORT_SUB)
+            except P2PDLError as exc:
+                raise PeerLostError([peer], str(exc), operation=self.name) from None
+            abort.add_done_callback(self._on_abort)
+            aborts.append(abort)
+        unwatch = group.watch(self._on_peer_lost)
+        self._task = asyncio.ensure_future(body())
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._task
+        except asyncio.CancelledError:
+            if self._error is not None:
+                raise self._error from None
+            raise
+        except TimeoutError:
+            missing = set(self._waiting.values())
+            self._error = CollectiveTimeoutError(self.name, self.timeout, missing)
+            raise self._error from None
+        except P2PDLError as exc:
+            self._error = self._error or exc
+            raise self._error from None
+        finally:
+            unwatch()
+            if not self._task.done():
+                self._task.cancel()
+            if self._error is not None:
+                self._broadcast_abort(self._error)
+            self._retire()
+
+    def fail(self, error: P2PDLError) -> None:
+        """Fail the operation with `error` (first error wins)."""
+        if self._error is None:
+            if isinstance(error, PeerLostError) and not error.operation:
+                error = PeerLostError(error.ranks, error.detail, operation=self.name)
+            self._error = error
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def _on_peer_lost(self, rank: int, error: P2PDLError) -> None:
+        detail = error.detail if isinstance(error, PeerLostError) else str(error)
+        self.fail(PeerLostError([rank], detail, operation=self.name))
+
+    def _on_abort(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        header, _payload = future.result()
+        self._reported = True
+        reason = header.get("reason", "aborted")
+        kind = header.get("kind")
+        ranks = header.get("ranks", [])
+        error: P2PDLError
+        if kind == "mismatch":
+            error = CollectiveMismatchError(self.name, reason, ranks)
+        elif kind == "lost":
+            error = PeerLostError(ranks, f"reported by another rank: {reason}", operation=self.name)
+        else:
+            error = P2PDLError(f"{self.name}: {reason}")
+        self.fail(error)
+
+    def _broadcast_abort(self, error: P2PDLError) -> None:
+        if self._reported:
+            return
+        self._reported = True
+        if isinstance(error, CollectiveMismatchError):
+            kind, ranks = "mismatch", list(error.ranks)
+            reason = str(error).split(": ", 1)[-1].rsplit(" (disagreeing", 1)[0]
+        elif isinstance(error, PeerLostError):
+            kind, ranks, reason = "lost", list(error.ranks), str(error)
+        else:
+            return  # timeouts are seen by everyone on their own
+        header = {"t": self.base | ABORT_SUB, "kind": kind, "ranks": ranks, "reason": reason}
+        for peer in range(self.world_size):
+            if peer == self.rank:
+                continue
+            try:
+                self.group.link(peer).send_nowait(header)
+            except P2PDLError:
+                continue
+
+    def _retire(self) -> None:
+        for peer in range(self.world_size):
+            if peer == self.rank:
+                continue
+            try:
+                link = self.group.link(peer)
+            except P2PDLError:
+                continue
+            link.retire(self.base, self.base + (1 << SUB_BITS))

@@ -1,0 +1,89 @@
+"""Latency-bound collectives: one message hop, no chunking, no pipelining.
+
+* `allreduce_direct`: every rank sends its whole (small) buffer to every other rank and sums
+  all of them in rank order, so every rank computes the same bits in one hop.
+* `broadcast`: the root sends to everyone (small) or down a binomial tree (large).
+* `barrier`: an empty frame to and from every rank.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from p2pdl.collectives.context import ReduceContext, as_bytes, gather_all
+from p2pdl.collectives.op import Operation
+from p2pdl.collectives.plan import binomial_children, binomial_parent, chunk_ranges
+
+
+async def allreduce_direct(ctx: ReduceContext) -> None:
+    buf, pool = ctx.buf, ctx.scratch
+    wire = ctx.wire_dtype()
+    compressed = ctx.compression is not None
+    nbytes = buf.size * wire.itemsize
+    held = {p: pool.take(nbytes) for p in ctx.peers}
+    incoming = {p: raw[:nbytes].view(wire) for p, raw in held.items()}
+    try:
+        arrivals = [ctx.op.recv(p, 0, as_bytes(incoming[p])) for p in ctx.peers]
+        if compressed:
+            own16 = np.empty(buf.size, dtype=np.uint16)
+            ctx.encode(buf, own16)
+            ctx.decode(own16, buf)  # our own share is rounded as everyone else sees it
+            payload = as_bytes(own16)
+        else:
+            payload = as_bytes(buf)
+        await gather_all(*arrivals, *(ctx.op.send(p, 0, payload) for p in ctx.peers))
+        if compressed:
+            # Rank order with compressed peers: decode each into a float copy, then sum.
+            decoded = {p: np.empty_like(buf) for p in ctx.peers}
+            for p in ctx.peers:
+                ctx.decode(incoming[p], decoded[p])
+            sources = [buf if p == ctx.rank else decoded[p] for p in range(ctx.world_size)]
+            saved, ctx.compression = ctx.compression, None
+            try:
+                await ctx.reduce_chunk(buf, sources)
+            finally:
+                ctx.compression = saved
+        else:
+            sources = [buf if p == ctx.rank else incoming[p] for p in range(ctx.world_size)]
+            await ctx.reduce_chunk(buf, sources)
+        if ctx.on_slice is not None:
+            await ctx.finish_slice(0, buf.size)
+    finally:
+        for raw in held.values():
+            pool.give(raw)
+
+
+async def broadcast(op: Operation, buf: np.ndarray, root: int, chunk_elems: int) -> None:
+    """Copy the root's `buf` into every rank's `buf`."""
+    n, rank = op.world_size, op.rank
+    if n == 1:
+        return
+    flat = buf.reshape(-1).view(np.uint8)
+    if flat.nbytes <= 256 * 1024 or n <= 3:
+        if rank == root:
+            await gather_all(*(op.send(p, 0, as_bytes(flat)) for p in range(n) if p != root))
+        else:
+            await op.recv(root, 0, as_bytes(flat))
+        return
+    chunks = chunk_ranges(0, flat.nbytes, max(chunk_elems, 1) * 4)
+    children = binomial_children(rank, n, root)
+    parent = binomial_parent(rank, n, root)
+    arrivals = (
+        [op.recv(parent, c, as_bytes(flat[a:b])) for c, (a, b) in enumerate(chunks)]
+        if parent is not None
+        else None
+    )
+
+    async def send_to(child: int) -> None:
+        for c, (a, b) in enumerate(chunks):
+            if arrivals is not None:
+                await arrivals[c]
+            await op.send(child, c, as_bytes(flat[a:b]))
+
+    await gather_all(*(arrivals or []), *(send_to(child) for child in children))
+
+
+async def barrier(op: Operation) -> None:
+    """Return once every rank has entered the barrier."""
+    peers = [p for p in range(op.world_size) if p != op.rank]
+    await gather_all(*(op.recv(p, 0, None) for p in peers), *(op.send(p, 0) for p in peers))

@@ -43,6 +43,9 @@ class Listener:
         self._tasks: set[asyncio.Task[None]] = set()
         self._open_links: set[Link] = set()
         self.join_handler: JoinHandler | None = None
+        self._configured: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.on_join_refused: Callable[[AuthenticationError], None] | None = None
+        """Told when a join request (claimed rank -1) fails authentication (rendezvous)."""
         self.rejected = 0
         """How many connections were turned away (bad handshakes, garbage, timeouts)."""
 
@@ -64,6 +67,18 @@ class Listener:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return link
+
+    def configure(self, rank: int) -> None:
+        """This node's rank is known: answer peers' handshakes from now on."""
+        self.rank = rank
+        if not self._configured.done():
+            self._configured.set_result(None)
+
+    async def _own_rank(self, hello: dict[str, Any]) -> int:
+        if hello.get("rank") == -1 and hello.get("join"):
+            return 0  # only the leader, rank 0, takes join requests
+        await self._configured
+        return self.rank
 
     def expect(self, rank: int) -> asyncio.Future[Link]:
         """A future for the authenticated link that `rank` will dial in on."""
@@ -89,7 +104,7 @@ class Listener:
         hello: dict[str, Any] | None = None
         try:
             async with asyncio.timeout(self.timeouts.handshake):
-                hello = await accept_handshake(link, self.creds, self.rank, self._admit)
+                hello = await accept_handshake(link, self.creds, self._own_rank, self._admit)
         except (P2PDLError, TimeoutError) as exc:
             self.rejected += 1
             claimed = hello["rank"] if hello else None
@@ -98,6 +113,11 @@ class Listener:
                 future = self._expected.get(exc.rank)
                 if future is not None and not future.done():
                     future.set_exception(exc)
+                # Fix: a joiner with the wrong secret used to fail only on its own side; the
+                # leader waited out `timeouts.connect` and raised a timeout. Tell the
+                # rendezvous so that both sides raise AuthenticationError, as in static mode.
+                if exc.rank == -1 and self.on_join_refused is not None:
+                    self.on_join_refused(exc)
             del claimed
             link.close()
             self._open_links.discard(link)
@@ -178,8 +198,8 @@ class Mesh:
         """Dial lower ranks and wait for higher ones, within `timeouts.connect`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeouts.connect
-        self.listener.rank = self.rank
         incoming = {r: self.listener.expect(r) for r in range(self.rank + 1, self.world_size)}
+        self.listener.configure(self.rank)
         dials = {r: asyncio.ensure_future(self._dial(r, deadline)) for r in range(self.rank)}
         pending: dict[int, asyncio.Future[Link]] = {**incoming, **dials}
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from p2pdl.collectives.api import DEFAULT_CHUNK_BYTES, Collectives
@@ -120,12 +121,18 @@ class Node:
         )
 
     # ------------------------------------------------------------------------ lifecycle
-    async def start(self) -> Node:
-        """Listen, find the peers, and authenticate a link to each of them."""
+    async def start(self, on_listening: Callable[[tuple[str, int]], None] | None = None) -> Node:
+        """Listen, find the peers, and authenticate a link to each of them.
+
+        `on_listening(address)` is called as soon as the real listen address is known
+        (before peers are reached): a leader on port 0 uses it to tell others where it is.
+        """
         creds = Credentials(self.cluster_id, self._secret)
         listener = Listener(creds, self.limits, self.timeouts)
         self.listener = listener
         address = await listener.start(self._host, self._port)
+        if on_listening is not None:
+            on_listening(address)
         loop = asyncio.get_running_loop()
         try:
             if self._mode == "static":
@@ -134,7 +141,6 @@ class Node:
                 peers[self._rank] = address
             elif self._mode == "lead":
                 assert self._world_size is not None
-                listener.rank = 0
                 leader = RendezvousLeader(listener, self._world_size)
                 peers = await leader.run(address, loop.time() + self.timeouts.connect)
             else:

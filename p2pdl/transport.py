@@ -23,7 +23,7 @@ import hmac
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,9 @@ from p2pdl.errors import (
 from p2pdl.wire import VERSION, Frame, FrameHead, FrameReader, encode_head
 
 log = logging.getLogger("p2pdl.transport")
+
+_MAX_HANDSHAKE_BACKLOG = 8
+"""Unread handshake frames a peer may queue before it is cut off (a handshake needs 3)."""
 
 HeaderCheck = Callable[[dict[str, Any], int], None]
 """Validates a frame's header (and payload length) against what the receiver expects."""
@@ -150,6 +153,10 @@ class Link(asyncio.BufferedProtocol):
             if header.get("h") == "welcome" and self._welcome_rank is not None:
                 # The server may send data right behind its welcome: switch modes now.
                 self.mark_authenticated(self._welcome_rank)
+            if self._handshake_queue.qsize() >= _MAX_HANDSHAKE_BACKLOG:
+                # Fix: an unauthenticated peer could queue frames without bound until the
+                # handshake timeout; no handshake has more than three messages per side.
+                raise ProtocolError("too many handshake frames")
             self._handshake_queue.put_nowait(header)
             self._handshake_frame = True
             self._reader.provide(memoryview(b""))
@@ -382,6 +389,15 @@ def _mac(secret: bytes, role: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, message, hashlib.sha256).digest()
 
 
+def _mac_matches(want: bytes, got: Any) -> bool:
+    """Constant-time MAC check that treats a non-bytes claim as a mismatch.
+
+    Fix: `hmac.compare_digest(want, 5)` raises TypeError, which escaped the handshake (not a
+    P2PDLError): the listener task died and the hostile connection stayed open for good.
+    """
+    return isinstance(got, bytes) and hmac.compare_digest(want, got)
+
+
 def _check_hello(hello: dict[str, Any], creds: Credentials) -> None:
     if hello.get("h") != "hello":
         raise AuthenticationError(f"expected a hello, got {hello.get('h')!r}")
@@ -429,7 +445,7 @@ async def dial_handshake(
         if creds.secret is not None:
             ranks = b"%d:%d" % (rank, reply["rank"])
             want = _mac(creds.secret, b"server", nonce, reply["nonce"], ranks)
-            if not hmac.compare_digest(want, reply.get("mac", b"")):
+            if not _mac_matches(want, reply.get("mac")):
                 raise AuthenticationError(
                     f"rank {reply['rank']} does not know the shared secret", rank=reply["rank"]
                 )
@@ -452,10 +468,13 @@ async def dial_handshake(
 async def accept_handshake(
     link: Link,
     creds: Credentials,
-    rank: int,
+    own_rank: Callable[[dict[str, Any]], Awaitable[int]],
     admit: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> dict[str, Any]:
     """Server side: read hello, prove ourselves, verify the client, then `admit` decides.
+
+    `own_rank(hello)` gives the rank to answer with; it may wait until this node knows it
+    (a node that joined through a leader learns its rank after it started listening).
 
     `admit(hello)` returns the welcome's extra fields, or raises AuthenticationError /
     ProtocolError to turn the peer away (duplicate or unexpected ranks, for instance).
@@ -466,6 +485,7 @@ async def accept_handshake(
     except AuthenticationError as exc:
         _reject(link, str(exc))
         raise
+    rank = await own_rank(hello)
     nonce = os.urandom(16)
     reply: dict[str, Any] = {
         "h": "hello",
@@ -486,7 +506,7 @@ async def accept_handshake(
                 f"rank {hello['rank']} rejected us: {proof.get('reason')}", rank=hello["rank"]
             )
         want = _mac(creds.secret, b"client", nonce, hello["nonce"], ranks)
-        if proof.get("h") != "proof" or not hmac.compare_digest(want, proof.get("mac", b"")):
+        if proof.get("h") != "proof" or not _mac_matches(want, proof.get("mac")):
             error = AuthenticationError(
                 f"rank {hello['rank']} does not know the shared secret", rank=hello["rank"]
             )

@@ -177,7 +177,7 @@ class Operation:
             kind, ranks = "mismatch", list(error.ranks)
             reason = str(error).split(": ", 1)[-1].rsplit(" (disagreeing", 1)[0]
         elif isinstance(error, PeerLostError):
-            kind, ranks, reason = "lost", list(error.ranks), str(error)
+            kind, ranks, reason = "lost", list(error.ranks), error.detail
         else:
             return  # timeouts are seen by everyone on their own
         header = {"t": self.base | ABORT_SUB, "kind": kind, "ranks": ranks, "reason": reason}

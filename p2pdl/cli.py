@@ -1,0 +1,291 @@
+"""Command line: `python -m p2pdl node|launch|bench …`. The event loop (uvloop) is chosen here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from p2pdl.config import Timeouts
+from p2pdl.errors import ConfigError, P2PDLError
+from p2pdl.membership import parse_address, parse_peers
+
+BENCHMARKS = ("kernels", "allreduce", "schedule", "train", "scaling")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def emit(event: str, **fields: Any) -> None:
+    """Print one machine-readable JSON line on stdout."""
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def read_secret(path: str | None) -> bytes | None:
+    """The shared secret from --secret-file, else P2PDL_SECRET, else None."""
+    if path:
+        try:
+            secret = Path(path).read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the secret file {path}: {exc.strerror}") from None
+        if len(secret) < 8:
+            raise ConfigError(f"the secret in {path} is shorter than 8 bytes")
+        return secret
+    value = os.environ.get("P2PDL_SECRET")
+    return value.encode() if value else None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _node_parser(sub: Any) -> None:
+    node = sub.add_parser(
+        "node",
+        help="run one node of a cluster (one per host)",
+        description="Run one p2pdl node. Static: --rank R --peers h:p,h:p,… ; "
+        "rendezvous: --lead --nodes N on one host and --leader host:port on the others.",
+    )
+    who = node.add_mutually_exclusive_group()
+    who.add_argument("--peers", help="host:port of every rank, in rank order (static mode)")
+    who.add_argument("--leader", help="host:port of the leader to join")
+    who.add_argument("--lead", action="store_true", help="be the leader (rank 0)")
+    node.add_argument("--rank", type=int, help="this node's rank (static mode; a wish otherwise)")
+    node.add_argument("--nodes", type=int, help="cluster size (with --lead)")
+    node.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    node.add_argument("--port", type=int, help="port to listen on (default 0: any free port)")
+    node.add_argument("--secret-file", help="file holding the shared secret (else P2PDL_SECRET)")
+    node.add_argument("--insecure", action="store_true", help="allow no secret off loopback")
+    node.add_argument("--cluster-id", default="p2pdl", help="name shared by the cluster's nodes")
+    node.add_argument("--connect-timeout", type=_positive_float, default=30.0)
+    node.add_argument("--op-timeout", type=_positive_float, default=60.0)
+    node.add_argument("--run", metavar="MODULE:FUNC", help="run `async FUNC(node)` then exit")
+    node.add_argument(
+        "--run-args",
+        default="{}",
+        metavar="JSON",
+        help="keyword arguments for the --run function, as a JSON object",
+    )
+    job = node.add_argument_group("training jobs (group scheduling)")
+    job.add_argument("--job", metavar="MODULE:ATTR", help="the job spec to lead")
+    job.add_argument("--bsp", action="store_true", help="one leader round trip per step")
+    job.add_argument("--group-size", default=None, help="steps per group, or 'auto'")
+    job.add_argument("--lookahead", type=int, default=1, help="groups pushed ahead")
+    job.add_argument("--min-nodes", type=int, help="stop when fewer nodes remain")
+    job.add_argument("--checkpoint-dir", help="write boundary snapshots here")
+    job.add_argument("--checkpoint-every", type=int, default=10, help="groups between snapshots")
+    job.add_argument("--resume", action="store_true", help="restart from the last checkpoint")
+    node.set_defaults(handler=_cmd_node)
+
+
+def _launch_parser(sub: Any) -> None:
+    launch = sub.add_parser(
+        "launch",
+        help="start N local processes of a script with the cluster environment set",
+        description="Start N local processes (P2PDL_RANK, P2PDL_WORLD_SIZE, P2PDL_LEADER, "
+        "P2PDL_SECRET set), prefix their output with the rank, stop all on the first failure.",
+    )
+    launch.add_argument("-n", "--nodes", type=int, required=True, help="number of processes")
+    launch.add_argument(
+        "--grace",
+        type=_positive_float,
+        default=5.0,
+        help="seconds between SIGTERM and SIGKILL when stopping the rest",
+    )
+    launch.add_argument(
+        "command", nargs=argparse.REMAINDER, help="script.py args… (or -m module args…)"
+    )
+    launch.set_defaults(handler=_cmd_launch)
+
+
+def _bench_parser(sub: Any) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks against peers",
+        add_help=True,
+        description=f"Benchmarks: {', '.join(BENCHMARKS)}. "
+        "`bench NAME --help` lists each one's options.",
+    )
+    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    bench.set_defaults(handler=_cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="p2pdl", description="Peer-to-peer data-parallel deep learning.")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("P2PDL_LOG", "WARNING"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _node_parser(sub)
+    _launch_parser(sub)
+    _bench_parser(sub)
+    return parser
+
+
+# ------------------------------------------------------------------------------- node
+def _node_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "secret": read_secret(args.secret_file),
+        "cluster_id": args.cluster_id,
+        "insecure": args.insecure,
+        "timeouts": Timeouts(connect=args.connect_timeout, operation=args.op_timeout),
+    }
+    if args.host is not None:
+        kwargs["host"] = args.host
+    if args.port is not None:
+        if not 0 <= args.port <= 65535:
+            raise ConfigError(f"--port {args.port} is outside 0..65535")
+        kwargs["port"] = args.port
+    if args.peers:
+        peers = parse_peers(args.peers)
+        if args.rank is None:
+            raise ConfigError("--peers needs --rank")
+        return {"rank": args.rank, "peers": peers, **kwargs}
+    if args.leader:
+        return {"rank": args.rank, "leader": parse_address(args.leader, "--leader"), **kwargs}
+    if args.lead:
+        if args.nodes is None or args.nodes < 1:
+            raise ConfigError("--lead needs --nodes N (N ≥ 1)")
+        return {"world_size": args.nodes, **kwargs}
+    raise ConfigError("give --peers with --rank, --leader host:port, or --lead --nodes N")
+
+
+def _resolve(reference: str) -> Any:
+    module_name, sep, attr = reference.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"expected MODULE:NAME, got {reference!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name}: {exc}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"{module_name} has no attribute {attr!r}") from None
+
+
+async def _serve_node(args: argparse.Namespace) -> int:
+    from p2pdl.node import Node
+
+    run = _resolve(args.run) if args.run else None
+    try:
+        run_args = json.loads(args.run_args)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--run-args is not JSON: {exc}") from None
+    if not isinstance(run_args, dict):
+        raise ConfigError("--run-args must be a JSON object")
+    node = Node(**_node_kwargs(args))
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda s=signum: stop.done() or stop.set_result(s))
+    starting = asyncio.ensure_future(
+        node.start(on_listening=lambda a: emit("listening", address=f"{a[0]}:{a[1]}"))
+    )
+    done, _ = await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if starting not in done:
+        starting.cancel()
+        await node.close()
+        return 0
+    starting.result()
+    try:
+        emit(
+            "ready",
+            rank=node.rank,
+            world_size=node.world_size,
+            address=f"{node.address[0]}:{node.address[1]}",
+        )
+        if run is not None:
+            work = asyncio.ensure_future(run(node, **run_args))
+            done, _ = await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if work not in done:
+                work.cancel()
+                return 0
+            result = work.result()
+            emit("result", rank=node.rank, value=result)
+            return 0
+        await stop
+        return 0
+    finally:
+        await node.close()
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    import uvloop
+
+    if args.job or (args.leader and args.run is None and args.job is None and _job_runtime()):
+        return _run_job(args)
+    return uvloop.run(_serve_node(args))
+
+
+def _job_runtime() -> bool:
+    """True when the group-scheduling runtime is installed (workers then follow the leader)."""
+    return importlib.util.find_spec("p2pdl.schedule.runtime") is not None
+
+
+def _run_job(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from p2pdl.schedule import runtime
+
+    options = runtime.JobNodeOptions.from_cli(args, _node_kwargs(args))
+    return uvloop.run(runtime.run_job_node(options))
+
+
+# ----------------------------------------------------------------------------- launch
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from p2pdl.launch import launch
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ConfigError("launch needs a script (script.py args… or -m module args…)")
+    if args.nodes < 1:
+        raise ConfigError(f"-n must be at least 1, got {args.nodes}")
+    return launch(args.nodes, command, grace=args.grace)
+
+
+# ------------------------------------------------------------------------------ bench
+def _cmd_bench(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"p2pdl.bench.{args.name}")
+    return int(module.main(list(args.args)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"p2pdl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except P2PDLError as exc:
+        print(f"p2pdl {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,127 @@
+"""`python -m p2pdl launch -n N script.py …`: N local processes of one script, as a cluster.
+
+Each process gets P2PDL_RANK, P2PDL_WORLD_SIZE, P2PDL_LEADER (rank 0 listens there),
+P2PDL_SECRET (random per launch) and the torchrun names RANK, WORLD_SIZE, LOCAL_RANK.
+Output lines are prefixed with the rank. SIGINT/SIGTERM are forwarded. The first process
+to fail stops the others (SIGTERM, then SIGKILL after a grace period) and its exit code
+becomes the launcher's; every child is reaped before returning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (the leader binds it right away)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def cluster_env(rank: int, world_size: int, leader: str, secret: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        P2PDL_RANK=str(rank),
+        P2PDL_WORLD_SIZE=str(world_size),
+        P2PDL_LEADER=leader,
+        P2PDL_SECRET=secret,
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+async def _pump(stream: asyncio.StreamReader, prefix: bytes, out: object) -> None:
+    buffer = getattr(out, "buffer", out)
+    while True:
+        line = await stream.readline()
+        if not line:
+            return
+        buffer.write(prefix + line if line.endswith(b"\n") else prefix + line + b"\n")
+        buffer.flush()
+
+
+async def _launch(world_size: int, command: Sequence[str], grace: float) -> int:
+    leader = f"127.0.0.1:{free_port()}"
+    secret = secrets.token_hex(16)
+    argv = [sys.executable, *command] if command[0] != sys.executable else list(command)
+    procs: list[asyncio.subprocess.Process] = []
+    pumps: list[asyncio.Task[None]] = []
+    loop = asyncio.get_running_loop()
+    for rank in range(world_size):
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            env=cluster_env(rank, world_size, leader, secret),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        procs.append(proc)
+        prefix = f"[rank {rank}] ".encode()
+        assert proc.stdout is not None and proc.stderr is not None
+        pumps.append(asyncio.ensure_future(_pump(proc.stdout, prefix, sys.stdout)))
+        pumps.append(asyncio.ensure_future(_pump(proc.stderr, prefix, sys.stderr)))
+
+    def signal_all(signum: int) -> None:
+        for proc in procs:
+            if proc.returncode is None:
+                try:
+                    os.killpg(proc.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    interrupted: list[int] = []
+
+    def forward(signum: int) -> None:
+        interrupted.append(signum)
+        signal_all(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, forward, signum)
+
+    waits = {asyncio.ensure_future(proc.wait()): rank for rank, proc in enumerate(procs)}
+    failure: int | None = None
+    pending = set(waits)
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                code = task.result()
+                if code != 0 and failure is None:
+                    failure = code
+                    if not interrupted:
+                        print(
+                            f"p2pdl launch: rank {waits[task]} exited with {code}; "
+                            "stopping the others",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    signal_all(signal.SIGTERM)
+                    loop.call_later(grace, signal_all, signal.SIGKILL)
+    finally:
+        signal_all(signal.SIGKILL)
+        for proc in procs:
+            if proc.returncode is None:
+                await proc.wait()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    if failure is None:
+        return 0
+    return failure if failure > 0 else 128 - failure
+
+
+def launch(world_size: int, command: Sequence[str], *, grace: float = 5.0) -> int:
+    """Run `command` (script.py args… or -m module args…) as `world_size` ranks."""
+    import uvloop
+
+    return uvloop.run(_launch(world_size, list(command), grace))

@@ -1,0 +1,177 @@
+"""Real node processes on loopback: the fixture, peer loss, the CLI and the launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from p2pdl.testing.cluster import pid_alive
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cluster_allreduce_in_processes(local_cluster) -> None:
+    cluster = local_cluster(3, run="tests.workers:allreduce_ranks", run_args={"size": 5000})
+    results = cluster.results()
+    expected = [0.0, 6.0, 6.0 * 4999]
+    assert results == {0: expected, 1: expected, 2: expected}
+
+
+@pytest.mark.parametrize("victim", [0, 2])
+def test_sigkill_fails_barrier_with_peer_lost(local_cluster, victim: int) -> None:
+    op_timeout = 10.0
+    cluster = local_cluster(
+        3,
+        run="tests.workers:barrier_until_lost",
+        run_args={"victim": victim},
+        op_timeout=op_timeout,
+    )
+    codes = cluster.wait()
+    assert codes[victim] == -signal.SIGKILL
+    for node in cluster.nodes:
+        if node.rank == victim:
+            continue
+        result = [e for e in node.events if e["event"] == "result"][-1]["value"]
+        assert result["error"] == "PeerLostError", result
+        assert result["ranks"] == [victim]
+        assert f"rank {victim}" in result["message"]
+        assert result["seconds"] < op_timeout
+
+
+def test_fixture_leaves_no_process(local_cluster) -> None:
+    cluster = local_cluster(2, run="tests.workers:exit_with", run_args={"rank": -1})
+    pids = cluster.pids()
+    assert all(pid_alive(pid) for pid in pids)
+    cluster.close()
+    assert not any(pid_alive(pid) for pid in pids)
+
+
+def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "p2pdl", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["node", "--bogus"],
+        ["node", "--lead"],
+        ["node", "--peers", "nonsense", "--rank", "0"],
+        ["node", "--leader", "host-without-port"],
+        ["node", "--lead", "--nodes", "2", "--port", "99999"],
+        ["node", "--lead", "--nodes", "2", "--host", "0.0.0.0"],
+        ["launch", "-n", "0", "x.py"],
+        ["launch", "-n", "2"],
+        ["bench", "nothing"],
+        ["frobnicate"],
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "P2PDL_SECRET"}
+    done = _run(args, env=env)
+    assert done.returncode == 2, done
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert "error" in lines[0]
+
+
+@pytest.mark.parametrize("command", ["node", "launch", "bench"])
+def test_help_on_every_command(command: str) -> None:
+    done = _run([command, "--help"])
+    assert done.returncode == 0
+    assert "usage" in done.stdout
+
+
+def test_node_prints_ready_line_and_stops_cleanly_on_sigterm() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p2pdl", "node", "--lead", "--nodes", "1", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        events = []
+        for line in proc.stdout:
+            events.append(json.loads(line))
+            if events[-1]["event"] == "ready":
+                break
+        ready = events[-1]
+        assert ready["event"] == "ready"
+        assert ready["rank"] == 0 and ready["world_size"] == 1
+        host, port = ready["address"].rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) > 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _script(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "script.py"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_launch_runs_a_cluster_and_prefixes_output(tmp_path: Path) -> None:
+    script = _script(
+        tmp_path,
+        """
+        import numpy as np
+        import p2pdl
+
+        with p2pdl.connect() as node:
+            data = np.full(10, node.rank + 1.0)
+            node.allreduce(data)
+            print("sum", node.rank, node.world_size, data[0])
+        """,
+    )
+    done = _run(["launch", "-n", "3", str(script)])
+    assert done.returncode == 0, done.stderr
+    lines = sorted(line for line in done.stdout.splitlines() if " sum " in line)
+    assert lines == [f"[rank {r}] sum {r} 3 6.0" for r in range(3)]
+
+
+def test_launch_propagates_failure_and_leaves_no_process(tmp_path: Path) -> None:
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    script = _script(
+        tmp_path,
+        f"""
+        import os, sys, pathlib
+        import p2pdl
+
+        rank = int(os.environ["P2PDL_RANK"])
+        pathlib.Path({str(pid_dir)!r}, str(rank)).write_text(str(os.getpid()))
+        with p2pdl.connect() as node:
+            node.barrier()
+            if rank == 1:
+                sys.exit(7)
+            node.barrier()   # fails once rank 1 is gone, or the launcher stops us first
+        """,
+    )
+    started = time.monotonic()
+    done = _run(["launch", "-n", "3", "--grace", "2", str(script)])
+    assert done.returncode == 7, (done.stdout, done.stderr)
+    assert "rank 1 exited with 7" in done.stderr
+    assert time.monotonic() - started < 90
+    pids = [int(p.read_text()) for p in pid_dir.iterdir()]
+    assert len(pids) == 3
+    assert not any(pid_alive(pid) for pid in pids)

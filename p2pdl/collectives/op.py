@@ -125,7 +125,7 @@ class Operation:
                 raise self._error from None
             raise
         except TimeoutError:
-            missing = set(self._waiting.values())
+            missing = {p for f, p in self._waiting.items() if not f.done()}
             self._error = CollectiveTimeoutError(self.name, self.timeout, missing)
             raise self._error from None
         except P2PDLError as exc:
@@ -149,6 +149,10 @@ class Operation:
             self._task.cancel()
 
     def _on_peer_lost(self, rank: int, error: P2PDLError) -> None:
+        # A peer that already delivered everything this operation needs from it may leave
+        # (it finished first and closed); sends to it still fail on their own.
+        if not any(p == rank and not f.done() for f, p in self._waiting.items()):
+            return
         detail = error.detail if isinstance(error, PeerLostError) else str(error)
         self.fail(PeerLostError([rank], detail, operation=self.name))
 

@@ -1,1 +1,41 @@
-"""Numba kernels on flat numpy arrays (installed as p2pdl.kernels)."""
+"""Numba kernels on flat numpy arrays (installed as ``p2pdl.kernels``).
+
+The lowest layer of p2pdl: it knows flat contiguous float32/float64 (and uint16 wire) buffers
+and nothing of sockets, asyncio or torch.  Every public function validates its arguments
+(``TypeError`` / ``ValueError``), accepts any C-contiguous array (flattened as a view), works in
+place, and releases the GIL while it runs.  Large buffers go to multi-threaded kernels: see
+:func:`set_parallel_threshold` and each function's ``parallel`` keyword.  Kernels compile on
+first use (cached on disk); :func:`precompile` compiles them all up front.
+"""
+
+from ._jit import parallel_threshold, precompile, set_parallel_threshold
+from .arith import add_, axpy_, scale_, sum_into
+from .compress import (
+    decode_add_bf16,
+    decode_add_fp16,
+    decode_bf16,
+    decode_fp16,
+    encode_bf16,
+    encode_fp16,
+)
+from .optim import adam_step, sgd_step
+from .slicing import slice_bounds
+
+__all__ = [
+    "adam_step",
+    "add_",
+    "axpy_",
+    "decode_add_bf16",
+    "decode_add_fp16",
+    "decode_bf16",
+    "decode_fp16",
+    "encode_bf16",
+    "encode_fp16",
+    "parallel_threshold",
+    "precompile",
+    "scale_",
+    "set_parallel_threshold",
+    "sgd_step",
+    "slice_bounds",
+    "sum_into",
+]

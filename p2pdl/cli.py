@@ -274,6 +274,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Spinning OpenMP workers (Numba's parallel kernels) would take the CPU from the event
+    # loop between kernels; entry points choose passive waiting unless the user said otherwise.
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

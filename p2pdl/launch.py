@@ -37,6 +37,7 @@ def cluster_env(rank: int, world_size: int, leader: str, secret: str) -> dict[st
         LOCAL_RANK=str(rank),
         PYTHONUNBUFFERED="1",
     )
+    env.setdefault("OMP_WAIT_POLICY", "passive")
     return env
 
 

@@ -13,7 +13,13 @@ import logging
 from typing import Any
 
 from p2pdl.config import Limits, Timeouts
-from p2pdl.errors import CollectiveTimeoutError, ConfigError, P2PDLError, ProtocolError
+from p2pdl.errors import (
+    AuthenticationError,
+    CollectiveTimeoutError,
+    ConfigError,
+    P2PDLError,
+    ProtocolError,
+)
 from p2pdl.mesh import Listener, dial
 from p2pdl.transport import Credentials, Link, dial_handshake
 
@@ -43,6 +49,7 @@ class RendezvousLeader:
         self._joined: list[tuple[Link, tuple[str, int], int | None]] = []
         self._complete: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         listener.join_handler = self._on_join
+        listener.on_join_refused = self._on_refused
 
     async def _on_join(self, link: Link, hello: dict[str, Any]) -> None:
         address = hello.get("addr")
@@ -67,6 +74,11 @@ class RendezvousLeader:
         if len(self._joined) == self.world_size - 1:
             self._complete.set_result(None)
 
+    def _on_refused(self, error: AuthenticationError) -> None:
+        # Fix: a joiner that fails authentication fails the rendezvous on the leader too.
+        if not self._complete.done():
+            self._complete.set_exception(error)
+
     def _on_lost(self, link: Link) -> None:
         if not self._complete.done():
             self._joined = [entry for entry in self._joined if entry[0] is not link]
@@ -74,15 +86,16 @@ class RendezvousLeader:
     async def run(self, own_address: tuple[str, int], deadline: float) -> list[tuple[str, int]]:
         """Wait for the joiners, assign ranks, send the table; returns peers in rank order."""
         if self.world_size > 1:
+            # Fix: the reported timeout used to be computed after the deadline had passed
+            # (so it read "after -0.003s"); measure the allowance before waiting.
+            allowed = deadline - asyncio.get_running_loop().time()
             try:
                 async with asyncio.timeout_at(deadline):
                     await self._complete
             except TimeoutError:
-                raise CollectiveTimeoutError(
-                    "rendezvous at the leader",
-                    deadline - asyncio.get_running_loop().time(),
-                    [],
-                ) from None
+                raise CollectiveTimeoutError("rendezvous at the leader", allowed, []) from None
+            finally:
+                self.listener.on_join_refused = None
         ranks = assign_ranks(self.world_size, [want for _, _, want in self._joined])
         peers: list[tuple[str, int]] = [own_address] * self.world_size
         for (_link, address, _want), rank in zip(self._joined, ranks, strict=True):

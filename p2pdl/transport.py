@@ -82,6 +82,7 @@ class Link(asyncio.BufferedProtocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._reading_paused = False
         self._retired: list[tuple[int, int]] = []
+        self._guards: list[tuple[int, int, HeaderCheck, Callable[[P2PDLError], None]]] = []
         self.on_lost: Callable[[Link], None] | None = None
         self.on_unsolicited: Callable[[Link, dict[str, Any], bytearray], bool] | None = None
         """Called for a complete frame no receive was posted for; True if it was consumed."""
@@ -167,6 +168,9 @@ class Link(asyncio.BufferedProtocol):
         posted = self._posted.get(tag)
         if posted is None:
             if self._is_retired(tag):
+                self._reader.discard()
+                return True
+            if self._guards and not self._guard_passes(tag, header, head.payload_len):
                 self._reader.discard()
                 return True
             if tag in self._early:
@@ -267,6 +271,37 @@ class Link(asyncio.BufferedProtocol):
             self._resume_reading()
         return future
 
+    def _guard_passes(self, tag: int, header: dict[str, Any], size: int) -> bool:
+        for lo, hi, check, on_error in self._guards:
+            if lo <= tag < hi:
+                try:
+                    check(header, size)
+                except P2PDLError as exc:
+                    on_error(exc)
+                    return False
+        return True
+
+    def guard(
+        self, lo: int, hi: int, check: HeaderCheck, on_error: Callable[[P2PDLError], None]
+    ) -> None:
+        """Check every frame with a tag in [lo, hi) as it arrives, posted for or not.
+
+        A frame that fails `check` is dropped and `on_error` gets the error: an operation
+        learns at once that a peer called something else, even when it never posts a
+        receive for that peer's frames. Frames already waiting are checked now.
+        """
+        self._guards.append((lo, hi, check, on_error))
+        for tag in [t for t in self._early if lo <= t < hi]:
+            header, buffer = self._early[tag]
+            if not self._guard_passes(tag, header, len(buffer)):
+                self._early_bytes -= len(self._early.pop(tag)[1])
+        pending = self._reader.pending_head
+        if pending is not None and self._reading_paused:
+            tag = pending.header.get("t", -1)
+            if lo <= tag < hi and not self._guard_passes(tag, pending.header, pending.payload_len):
+                self._reader.discard()
+                self._resume_reading()
+
     def _is_retired(self, tag: int) -> bool:
         return any(lo <= tag < hi for lo, hi in self._retired)
 
@@ -278,6 +313,7 @@ class Link(asyncio.BufferedProtocol):
         """
         self._retired.append((lo, hi))
         del self._retired[:-256]
+        self._guards = [g for g in self._guards if not (lo <= g[0] and g[1] <= hi)]
         for tag in [t for t in self._posted if lo <= t < hi]:
             self.cancel_post(tag)
         for tag in [t for t in self._early if lo <= t < hi]:

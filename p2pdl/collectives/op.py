@@ -40,6 +40,8 @@ class LinkLike(Protocol):
 
     def retire(self, lo: int, hi: int) -> None: ...
 
+    def guard(self, lo: int, hi: int, check: Any, on_error: Any) -> None: ...
+
 
 class Group(Protocol):
     """What an operation needs from the mesh: ranks, links, loss notifications, op numbers."""
@@ -91,9 +93,12 @@ class Operation:
         return future
 
     def _settled(self, future: asyncio.Future[Any]) -> None:
-        self._waiting.pop(future, None)
         if future.cancelled():
+            # Fix: a cancelled receive never arrived, so it stays "waiting". The deadline
+            # cancels every receive before `run` reads `_waiting`; popping them here made
+            # every timeout report "waiting for no rank" instead of naming who was missing.
             return
+        self._waiting.pop(future, None)
         error = future.exception()
         if isinstance(error, P2PDLError):
             self.fail(error)
@@ -115,6 +120,7 @@ class Operation:
                 raise PeerLostError([peer], str(exc), operation=self.name) from None
             abort.add_done_callback(self._on_abort)
             aborts.append(abort)
+            group.link(peer).guard(self.base, self.base | ABORT_SUB, self._check(peer), self.fail)
         unwatch = group.watch(self._on_peer_lost)
         self._task = asyncio.ensure_future(body())
         try:
@@ -125,7 +131,8 @@ class Operation:
                 raise self._error from None
             raise
         except TimeoutError:
-            missing = {p for f, p in self._waiting.items() if not f.done()}
+            # The deadline has already cancelled the receives: those count as missing too.
+            missing = {p for f, p in self._waiting.items() if f.cancelled() or not f.done()}
             self._error = CollectiveTimeoutError(self.name, self.timeout, missing)
             raise self._error from None
         except P2PDLError as exc:

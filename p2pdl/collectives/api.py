@@ -149,6 +149,10 @@ class Collectives:
             kernels.sum_into(buf, buffers)
         n = self.group.world_size
         chosen = choose_algorithm(buf.nbytes, n) if algorithm == "auto" else algorithm
+        if buf.size == 0:
+            # An empty buffer sends no chunk under the chunked algorithms, so a rank whose
+            # size differs from everyone else's would go unnoticed: exchange one empty frame.
+            chosen = "direct"
         if compression is not None and chosen in ("driver", "tree"):
             raise ValueError(f"the {chosen} baseline sends full precision; use no compression")
         descriptor = f"allreduce({chosen}, {op}, {buf.dtype}[{buf.size}], {compression})"

@@ -53,17 +53,31 @@ async def allreduce_direct(ctx: ReduceContext) -> None:
             pool.give(raw)
 
 
+ACK_SUB = (1 << 23) - 1
+"""Frame number of the acknowledgement every receiver sends the root."""
+
+
 async def broadcast(op: Operation, buf: np.ndarray, root: int, chunk_elems: int) -> None:
-    """Copy the root's `buf` into every rank's `buf`."""
+    """Copy the root's `buf` into every rank's `buf`.
+
+    Every receiver acknowledges to the root, and the root returns only once all have: ranks
+    that disagree on the root (each believing it is the root, say) then meet each other's
+    frames while their operation is still open, and fail with a mismatch error instead of
+    returning different buffers.
+    """
     n, rank = op.world_size, op.rank
     if n == 1:
         return
     flat = buf.reshape(-1).view(np.uint8)
+    others = [p for p in range(n) if p != root]
+    if rank == root:
+        acks = [op.recv(p, ACK_SUB, None) for p in others]
     if flat.nbytes <= 256 * 1024 or n <= 3:
         if rank == root:
-            await gather_all(*(op.send(p, 0, as_bytes(flat)) for p in range(n) if p != root))
+            await gather_all(*(op.send(p, 0, as_bytes(flat)) for p in others), *acks)
         else:
             await op.recv(root, 0, as_bytes(flat))
+            await op.send(root, ACK_SUB)
         return
     chunks = chunk_ranges(0, flat.nbytes, max(chunk_elems, 1) * 4)
     children = binomial_children(rank, n, root)
@@ -81,6 +95,10 @@ async def broadcast(op: Operation, buf: np.ndarray, root: int, chunk_elems: int)
             await op.send(child, c, as_bytes(flat[a:b]))
 
     await gather_all(*(arrivals or []), *(send_to(child) for child in children))
+    if rank == root:
+        await gather_all(*acks)
+    else:
+        await op.send(root, ACK_SUB)
 
 
 async def barrier(op: Operation) -> None:

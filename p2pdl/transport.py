@@ -470,6 +470,10 @@ async def dial_handshake(
         "auth": creds.secret is not None,
         **(extra or {}),
     }
+    if creds.secret is None and expect_rank >= 0:
+        # Without a secret the server answers hello and welcome back to back; both may land
+        # in one read, so the link must already know which rank the welcome will come from.
+        link._welcome_rank = expect_rank
     await link.send(hello)
     reply = await link.next_handshake_message()
     if reply.get("h") == "reject":

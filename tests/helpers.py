@@ -55,10 +55,13 @@ test_timeouts.__test__ = False  # type: ignore[attr-defined]  # a helper, not a 
 
 @contextlib.asynccontextmanager
 async def make_cluster(
-    n: int, *, secret: bytes | None = None, **kwargs: Any
+    n: int, *, secret: bytes | None = None, no_secret: bool = False, **kwargs: Any
 ) -> AsyncIterator[list[Node]]:
-    """Start `n` nodes in this loop; yields them in rank order and closes them on exit."""
-    secret = secret if secret is not None else os.urandom(16)
+    """Start `n` nodes in this loop; yields them in rank order and closes them on exit.
+
+    Each cluster gets a random secret unless one is given, or `no_secret` (loopback only).
+    """
+    secret = None if no_secret else (secret if secret is not None else os.urandom(16))
     kwargs.setdefault("timeouts", short_timeouts())
     leader = Node(0, world_size=n, host="127.0.0.1", port=0, secret=secret, **kwargs)
     lead_task = await start_listening(leader)

@@ -314,3 +314,19 @@ def test_client_with_the_secret_but_a_taken_or_unknown_rank(claimed: int) -> Non
             await allreduce_check(nodes)
 
     run(body())
+
+
+def test_cluster_without_secret_on_loopback_carries_data_right_after_welcome() -> None:
+    """Without a secret, hello and welcome can arrive in one read; data right behind them
+    must still be accepted (the link switches to authenticated mode on the welcome)."""
+
+    async def body() -> None:
+        async with make_cluster(3, no_secret=True) as nodes:
+            for _ in range(3):
+                arrays = [np.full(300_000, node.rank + 1.0, np.float32) for node in nodes]
+                await asyncio.gather(
+                    *(node.allreduce(a, algorithm="sliced") for node, a in zip(nodes, arrays))
+                )
+                assert all(np.all(a == 6.0) for a in arrays)
+
+    run(body())

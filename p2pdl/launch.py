@@ -90,12 +90,16 @@ async def _launch(world_size: int, command: Sequence[str], grace: float) -> int:
         loop.add_signal_handler(signum, forward, signum)
 
     waits = {asyncio.ensure_future(proc.wait()): rank for rank, proc in enumerate(procs)}
+    exit_order: list[asyncio.Future[int]] = []
+    for task in waits:
+        task.add_done_callback(exit_order.append)
     failure: int | None = None
     pending = set(waits)
     try:
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
+            # Several exits can land in one wake-up: take them in the order they were reaped.
+            for task in sorted(done, key=exit_order.index):
                 code = task.result()
                 if code != 0 and failure is None:
                     failure = code

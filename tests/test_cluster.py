@@ -163,7 +163,7 @@ def test_launch_propagates_failure_and_leaves_no_process(tmp_path: Path) -> None
         with p2pdl.connect() as node:
             node.barrier()
             if rank == 1:
-                sys.exit(7)
+                os._exit(7)  # a crash: the others see the lost connection after it exits
             node.barrier()   # fails once rank 1 is gone, or the launcher stops us first
         """,
     )
@@ -175,3 +175,47 @@ def test_launch_propagates_failure_and_leaves_no_process(tmp_path: Path) -> None
     pids = [int(p.read_text()) for p in pid_dir.iterdir()]
     assert len(pids) == 3
     assert not any(pid_alive(pid) for pid in pids)
+
+
+def _start_node(args: list[str], secret: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "p2pdl", "node", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "P2PDL_SECRET": secret},
+    )
+
+
+def _events_until(proc: subprocess.Popen[str], event: str) -> dict:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        item = json.loads(line)
+        if item["event"] == event:
+            return item
+    raise AssertionError(f"no {event} line; stderr: {proc.stderr.read() if proc.stderr else ''}")
+
+
+def test_plain_rendezvous_through_the_cli_and_clean_sigterm() -> None:
+    """`node --lead --nodes 2` and `node --leader H:P` (no job) form a cluster and stop on
+    SIGTERM with exit 0; the joiner listens on port 0 and advertises its real port."""
+    secret = "s" * 16
+    leader = _start_node(["--lead", "--nodes", "2", "--port", "0"], secret)
+    procs = [leader]
+    try:
+        address = _events_until(leader, "listening")["address"]
+        worker = _start_node(["--leader", address, "--port", "0"], secret)
+        procs.append(worker)
+        ready = [_events_until(p, "ready") for p in procs]
+        assert sorted(r["rank"] for r in ready) == [0, 1]
+        assert all(r["world_size"] == 2 for r in ready)
+        assert int(ready[1]["address"].rsplit(":", 1)[1]) > 0
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        assert [proc.wait(30) for proc in procs] == [0, 0]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

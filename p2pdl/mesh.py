@@ -43,6 +43,8 @@ class Listener:
         self._tasks: set[asyncio.Task[None]] = set()
         self._open_links: set[Link] = set()
         self.join_handler: JoinHandler | None = None
+        self.mesh_epoch = 0
+        """Membership epoch whose mesh links are admitted (a new epoch means a new mesh)."""
         self._configured: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.on_join_refused: Callable[[AuthenticationError], None] | None = None
         """Told when a join request (claimed rank -1) fails authentication (rendezvous)."""
@@ -68,6 +70,13 @@ class Listener:
         task.add_done_callback(self._tasks.discard)
         return link
 
+    def prepare(self, epoch: int, rank: int, world_size: int) -> None:
+        """Expect the higher ranks of membership `epoch` before anyone dials them."""
+        self.mesh_epoch = epoch
+        self.configure(rank)
+        for peer in range(rank + 1, world_size):
+            self.expect(peer)
+
     def configure(self, rank: int) -> None:
         """This node's rank is known: answer peers' handshakes from now on."""
         self.rank = rank
@@ -92,6 +101,12 @@ class Listener:
         rank = hello["rank"]
         if rank == -1 and hello.get("join") and self.join_handler is not None:
             return {}
+        if hello.get("mesh_epoch", 0) != self.mesh_epoch:
+            raise AuthenticationError(
+                f"rank {rank} dials for membership epoch {hello.get('mesh_epoch')!r}, "
+                f"this node is in epoch {self.mesh_epoch}",
+                rank=rank,
+            )
         future = self._expected.get(rank)
         if future is None:
             raise ProtocolError(f"rank {rank} is not expected to connect to rank {self.rank}")
@@ -178,7 +193,9 @@ class Mesh:
         addresses: list[tuple[str, int]],
         listener: Listener,
         timeouts: Timeouts,
+        epoch: int = 0,
     ) -> None:
+        self.epoch = epoch
         self.rank = rank
         self.addresses = addresses
         self.world_size = len(addresses)
@@ -222,7 +239,7 @@ class Mesh:
         while True:
             link = await dial(host, port, self.listener.limits, deadline, label=f"rank {rank}")
             try:
-                await dial_handshake(link, creds, self.rank, rank, None)
+                await dial_handshake(link, creds, self.rank, rank, {"mesh_epoch": self.epoch})
                 return link
             except PeerLostError:
                 # The peer went away mid-handshake (it may be restarting): try again.

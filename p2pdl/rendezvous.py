@@ -141,9 +141,22 @@ async def join_cluster(
         raise CollectiveTimeoutError("joining through the leader", timeouts.connect, [0]) from None
     finally:
         link.close()
+    return parse_table(header)
+
+
+def parse_table(header: dict[str, Any]) -> tuple[int, list[tuple[str, int]]]:
+    """(rank, peers) from the leader's table frame, or the leader's refusal as an error."""
     if "error" in header:
         raise ConfigError(f"the leader refused the join: {header['error']}")
     rank, peers = header.get("rank"), header.get("peers")
-    if not isinstance(rank, int) or not isinstance(peers, list):
+    if (
+        not isinstance(rank, int)
+        or not isinstance(peers, list)
+        or not 0 <= rank < len(peers)
+        or not all(
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int)
+            for p in peers
+        )
+    ):
         raise ProtocolError("malformed peer table from the leader", rank=0)
-    return rank, [(str(h), int(p)) for h, p in peers]
+    return rank, [(h, p) for h, p in peers]

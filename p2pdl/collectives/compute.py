@@ -42,6 +42,13 @@ class Compute:
             return fn()
         return await asyncio.get_running_loop().run_in_executor(self._executor(), fn)
 
+    async def drain(self) -> None:
+        """Wait for kernel calls in flight (before a rollback rewrites the buffers they use)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, True)
+
     def close(self) -> None:
         with self._lock:
             if self._pool is not None:

@@ -1,0 +1,660 @@
+"""The leader: admits nodes, plans and pushes iteration groups, and handles every boundary.
+
+The leader is rank 0's node; its own worker trains like any other, talking to this
+coordinator through an in-process channel. The coordinator is never on the per-step path:
+
+* it pushes group g+1 (up to `lookahead` groups ahead) while g runs, and commits a group
+  when every rank has reported it (reports arrive asynchronously, once per group);
+* in BSP mode it plans one step at a time and pushes the next only after every rank
+  reported the last: one leader round trip per step, the baseline;
+* `group_size="auto"` asks `GroupSizeController` after every committed group and logs why;
+* membership changes happen only at boundaries: a node that joins waits until the groups
+  already pushed are done, then a new membership epoch includes it;
+* a failure (a member's control channel lost, or a member reporting a failed collective)
+  aborts the running group: every survivor stops and says which boundary snapshots it holds,
+  everyone rolls back to the latest boundary all of them hold, a new epoch (new mesh, ranks
+  re-numbered) is formed if at least `min_nodes` remain, and the steps after that boundary
+  are planned again — the planner covers the same samples, so none is lost or counted twice
+  (the accounting travels in-band with the gradients and is rolled back with the weights);
+* stall inspector: workers tell the leader when a step made no progress for T seconds; the
+  leader logs which ranks the others are waiting for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from p2pdl.config import Timeouts
+from p2pdl.errors import P2PDLError
+from p2pdl.membership import Membership, PeerAddress
+from p2pdl.schedule.group_size import GroupSizeController
+from p2pdl.schedule.job import Job
+from p2pdl.schedule.plan import IterationGroup, epoch_permutation, plan_groups
+from p2pdl.schedule.protocol import Channel, LinkChannel
+from p2pdl.schedule.worker import JobError, ModelState
+from p2pdl.transport import Link
+
+log = logging.getLogger("p2pdl.schedule.leader")
+
+_LOST = "_lost"
+
+
+@dataclass(eq=False)
+class NodeHandle:
+    """A node as the leader sees it: its control channel, address and current rank."""
+
+    node_id: int
+    channel: Channel
+    addr: tuple[str, int] | None = None
+    state: str = "joining"
+    """joining → setup (digest checked) → ready (set up, waiting for a boundary) → member."""
+    rank: int = -1
+    dead: bool = False
+    pump: asyncio.Task[None] | None = None
+
+    def label(self) -> str:
+        return f"rank {self.rank}" if self.rank >= 0 else f"node {self.node_id}"
+
+
+@dataclass
+class _Track:
+    plan: IterationGroup
+    reports: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderSettings:
+    nodes: int
+    lookahead: int
+    bsp: bool
+    group_size: int | str
+    timeouts: Timeouts
+    start_timeout: float
+    leader_timeout: float
+    controller: GroupSizeController = field(default_factory=GroupSizeController)
+
+
+class Leader:
+    """The coordinator of one job (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        job: Job,
+        digest: str,
+        params: int,
+        optimizer: dict[str, Any],
+        settings: LeaderSettings,
+        local_channel: Channel,
+        local_address: tuple[str, int],
+        model: ModelState,
+        emit: Callable[..., None],
+    ) -> None:
+        self.job = job
+        self.digest = digest
+        self.params = params
+        self.optimizer = optimizer
+        self.settings = settings
+        self.model = model
+        self.emit = emit
+        self.inbox: asyncio.Queue[tuple[NodeHandle, dict[str, Any]]] = asyncio.Queue()
+        local = NodeHandle(0, local_channel, local_address, state="ready")
+        self.local = local
+        self.handles: list[NodeHandle] = [local]
+        self.members: list[NodeHandle] = []
+        self._next_id = 1
+        self.epoch = -1
+        self.membership: Membership | None = None
+        self.start_step = model.next_step
+        self.committed = model.next_step
+        self.next_plan = model.next_step
+        self.next_gid = 0
+        self.inflight: dict[int, _Track] = {}
+        controller = settings.controller
+        if settings.bsp:
+            self.size = 1
+        elif settings.group_size == "auto":
+            decision = controller.first()
+            self.size = decision.size
+            log.info("group size: %s", decision.reason)
+        else:
+            self.size = int(settings.group_size)
+        self.decisions: list[dict[str, Any]] = []
+        self.recoveries: list[dict[str, Any]] = []
+        self.stalls: dict[tuple[int, int], dict[int, str]] = {}
+        self.draining = False
+        self.starting = True
+        self.steps_run = 0
+        self.groups_pushed = 0
+        self.rank_time: dict[str, float] = {
+            "t_wait": 0.0,
+            "t_compute": 0.0,
+            "t_reduce": 0.0,
+            "t_boundary": 0.0,
+        }
+        self.reports = 0
+        self.counted_closed = 0
+        self._pump(local)
+
+    # ---------------------------------------------------------------- node admission
+    async def on_join(self, link: Link, hello: dict[str, Any]) -> None:
+        """Listener join handler: a node dialled in; send it the job and wait for its hello."""
+        address = hello.get("addr")
+        handle = NodeHandle(self._next_id, LinkChannel(link, label=f"node {self._next_id}"))
+        self._next_id += 1
+        if (
+            isinstance(address, list)
+            and len(address) == 2
+            and isinstance(address[0], str)
+            and isinstance(address[1], int)
+        ):
+            handle.addr = (address[0], address[1])
+        self.handles.append(handle)
+        self._pump(handle)
+        with contextlib.suppress(P2PDLError):
+            await handle.channel.send(
+                {"k": "job", "job": self.job.to_wire(), "node_id": handle.node_id}
+            )
+
+    def _pump(self, handle: NodeHandle) -> None:
+        async def pump() -> None:
+            try:
+                while True:
+                    message = await handle.channel.recv()
+                    self.inbox.put_nowait((handle, message))
+            except P2PDLError as exc:
+                self.inbox.put_nowait((handle, {"k": _LOST, "error": str(exc)}))
+
+        handle.pump = asyncio.ensure_future(pump())
+
+    def _drop(self, handle: NodeHandle, why: str) -> None:
+        if handle.dead:
+            return
+        handle.dead = True
+        self.counted_closed += handle.channel.counted()
+        log.warning("leader: dropping %s (%s)", handle.label(), why)
+        if handle is not self.local:
+            handle.channel.close()
+            if handle.pump is not None:
+                handle.pump.cancel()
+
+    def _ready_joiners(self) -> list[NodeHandle]:
+        return [h for h in self.handles if h.state == "ready" and not h.dead]
+
+    async def _common(self, handle: NodeHandle, message: dict[str, Any]) -> None:
+        """Messages that mean the same in every state of the leader."""
+        kind = message["k"]
+        if kind == _LOST:
+            if handle is self.local:
+                raise JobError(f"the leader's own worker stopped: {message['error']}")
+            if not handle.dead:
+                self._drop(handle, message["error"])
+        elif kind == "hello":
+            await self._on_hello(handle, message)
+        elif kind == "setup_done":
+            await self._on_setup_done(handle, message)
+        elif kind == "stall":
+            self._on_stall(handle, message)
+
+    async def _reject(self, handle: NodeHandle, reason: str) -> None:
+        log.error("leader: rejecting %s: %s", handle.label(), reason)
+        with contextlib.suppress(P2PDLError):
+            await handle.channel.send({"k": "error", "reason": reason})
+        self._drop(handle, reason)
+        if self.starting:
+            raise JobError(reason)
+
+    async def _on_hello(self, handle: NodeHandle, message: dict[str, Any]) -> None:
+        where = f"node at {handle.addr[0]}:{handle.addr[1]}" if handle.addr else "a node"
+        if message["error"] is not None:
+            await self._reject(handle, f"{where} cannot run the job: {message['error']}")
+            return
+        if handle.addr is None:
+            await self._reject(handle, f"{where} did not say where it listens")
+            return
+        if message["digest"] != self.digest:
+            await self._reject(
+                handle,
+                f"task digest mismatch: {where} has sha256 {message['digest']} of "
+                f"{self.job.task.partition(':')[0]}'s source, the leader has {self.digest}; "
+                "every node must run the same task code",
+            )
+            return
+        handle.state = "setup"
+        await handle.channel.send({"k": "welcome"})
+
+    async def _on_setup_done(self, handle: NodeHandle, message: dict[str, Any]) -> None:
+        if message["error"] is not None:
+            await self._reject(handle, f"{handle.label()} failed in task setup: {message['error']}")
+            return
+        if message["params"] != self.params or message["optimizer"] != self.optimizer:
+            await self._reject(
+                handle,
+                f"{handle.label()} built a model of {message['params']} weights with optimizer "
+                f"{message['optimizer']}, the leader {self.params} with {self.optimizer}",
+            )
+            return
+        handle.state = "ready"
+
+    def _on_stall(self, handle: NodeHandle, message: dict[str, Any]) -> None:
+        if message["epoch"] != self.epoch or handle.rank < 0:
+            return
+        key = (message["epoch"], message["step"])
+        stalled = self.stalls.setdefault(key, {})
+        stalled[handle.rank] = message["phase"]
+        world = len(self.members)
+        in_reduce = sorted(r for r, p in stalled.items() if p == "allreduce")
+        waiting_for = sorted(r for r in range(world) if r not in in_reduce)
+        log.warning(
+            "stall inspector: step %d made no progress for %.1fs on rank %d (%s); ranks %s "
+            "are waiting in the allreduce, waiting for rank(s) %s",
+            message["step"],
+            message["seconds"],
+            handle.rank,
+            message["phase"],
+            in_reduce,
+            waiting_for,
+        )
+        self.emit(
+            "stall",
+            step=message["step"],
+            rank=handle.rank,
+            phase=message["phase"],
+            waiting_for=waiting_for,
+        )
+
+    async def _next(self, timeout: float | None) -> tuple[NodeHandle, dict[str, Any]] | None:
+        try:
+            if timeout is None:
+                return await self.inbox.get()
+            async with asyncio.timeout(timeout):
+                return await self.inbox.get()
+        except TimeoutError:
+            return None
+
+    # ------------------------------------------------------------------------- run
+    async def run(self) -> dict[str, Any]:
+        """Admit the first nodes, train to the end, stop everyone; returns the summary."""
+        loop = asyncio.get_running_loop()
+        await self._admit_initial()
+        await self._reconfigure(restore=None, first=True)
+        self.starting = False
+        t_start = loop.time()
+        ping_every = self.settings.leader_timeout / 3
+        total = self.job.total_steps
+        while self.committed < total:
+            await self._push()
+            event = await self._next(ping_every)
+            if event is None:
+                await self._ping(ping_every)
+                continue
+            handle, message = event
+            kind = message["k"]
+            if handle in self.members and (
+                kind == _LOST or (kind == "failed" and message["epoch"] == self.epoch)
+            ):
+                if kind == _LOST:
+                    self._drop(handle, message["error"])
+                    reason = f"lost {handle.label()}: {message['error']}"
+                else:
+                    reason = f"{handle.label()} failed: {message['error']}"
+                await self._recover(reason)
+                continue
+            if kind == "report":
+                self._on_report(handle, message)
+            else:
+                await self._common(handle, message)
+            if self._ready_joiners() and self.committed < total:
+                self.draining = True
+            if self.draining and not self.inflight and self.committed < total:
+                log.info(
+                    "leader: admitting %d node(s) at step %d",
+                    len(self._ready_joiners()),
+                    self.committed,
+                )
+                await self._reconfigure(restore=self.committed)
+                self.draining = False
+        wall = loop.time() - t_start
+        byes = await self._stop()
+        return self._summary(wall, byes)
+
+    async def _admit_initial(self) -> None:
+        need = self.settings.nodes
+        deadline = asyncio.get_running_loop().time() + self.settings.start_timeout
+        while len(self._ready_joiners()) < need:
+            left = deadline - asyncio.get_running_loop().time()
+            event = await self._next(max(0.0, left)) if left > 0 else None
+            if event is None:
+                have = len(self._ready_joiners())
+                raise JobError(
+                    f"only {have} of {need} nodes were ready within "
+                    f"{self.settings.start_timeout:.3g}s"
+                )
+            await self._common(*event)
+
+    async def _ping(self, every: float) -> None:
+        now = asyncio.get_running_loop().time()
+        for handle in [*self.members, *self._ready_joiners()]:
+            if handle is not self.local and now - handle.channel.last_sent >= every:
+                with contextlib.suppress(P2PDLError):
+                    await handle.channel.send({"k": "ping"})
+
+    async def _send(self, handle: NodeHandle, message: dict[str, Any]) -> None:
+        try:
+            await handle.channel.send(message)
+        except P2PDLError as exc:
+            self.inbox.put_nowait((handle, {"k": _LOST, "error": str(exc)}))
+
+    # ------------------------------------------------------------------- groups
+    async def _push(self) -> None:
+        assert self.membership is not None
+        total = self.job.total_steps
+        limit = 1 if self.settings.bsp else 1 + self.settings.lookahead
+        while not self.draining and len(self.inflight) < limit and self.next_plan < total:
+            plan = plan_groups(self.job, self.membership, self.next_plan, self.size, self.next_gid)
+            self.inflight[plan.group_id] = _Track(plan)
+            self.next_gid += 1
+            self.next_plan = plan.end_step
+            self.groups_pushed += 1
+            message = {"k": "group", "plan": plan.to_wire()}
+            for handle in self.members:
+                if handle is not self.local:
+                    await self._send(handle, message)
+            await self._send(self.local, message)
+
+    def _on_report(self, handle: NodeHandle, message: dict[str, Any]) -> None:
+        if message["epoch"] != self.epoch or handle.rank < 0:
+            return
+        track = self.inflight.get(message["group"])
+        if track is None:
+            return
+        track.reports[handle.rank] = message
+        self.reports += 1
+        for name in self.rank_time:
+            self.rank_time[name] += float(message[name])
+        world = len(self.members)
+        while self.inflight:
+            gid = min(self.inflight)
+            track = self.inflight[gid]
+            if len(track.reports) < world:
+                break
+            del self.inflight[gid]
+            steps = len(track.plan.steps)
+            self.committed = track.plan.end_step
+            self.steps_run += steps
+            self._decide(track)
+
+    def _decide(self, track: _Track) -> None:
+        if self.settings.bsp or self.settings.group_size != "auto":
+            return
+        reports = list(track.reports.values())
+        steps = len(track.plan.steps)
+        coordination = max(float(r["t_wait"]) + float(r["t_boundary"]) for r in reports)
+        step_time = sum(float(r["t_compute"]) + float(r["t_reduce"]) for r in reports) / (
+            len(reports) * max(1, steps)
+        )
+        decision = self.settings.controller.next_size(self.size, coordination, step_time, steps)
+        if decision.size != self.size:
+            log.info("group size: %s", decision.reason)
+            self.decisions.append(
+                {"step": track.plan.end_step, "size": decision.size, "why": decision.reason}
+            )
+        else:
+            log.debug("group size: %s", decision.reason)
+        self.size = decision.size
+
+    # ---------------------------------------------------------------- membership
+    async def _collect(
+        self, nodes: list[NodeHandle], kind: str, timeout: float
+    ) -> tuple[bool, dict[NodeHandle, dict[str, Any]]]:
+        """Wait for `kind` (this epoch) from every node; False if any failed, died or was late."""
+        replies: dict[NodeHandle, dict[str, Any]] = {}
+        deadline = asyncio.get_running_loop().time() + timeout
+        ok = True
+        while len(replies) < len(nodes):
+            left = deadline - asyncio.get_running_loop().time()
+            event = await self._next(left) if left > 0 else None
+            if event is None:
+                for handle in nodes:
+                    if handle not in replies:
+                        self._drop(handle, f"no {kind} reply within {timeout:.3g}s")
+                return False, replies
+            handle, message = event
+            mkind = message["k"]
+            if handle in nodes and mkind == kind and message["epoch"] == self.epoch:
+                replies[handle] = message
+            elif (
+                handle in nodes
+                and mkind == "failed"
+                and message["epoch"] == self.epoch
+                and kind != "aborted"  # the failure that caused the abort: expected
+            ):
+                log.warning(
+                    "leader: %s failed during %s: %s", handle.label(), kind, message["error"]
+                )
+                ok = False
+                replies[handle] = message
+            elif handle in nodes and mkind == _LOST:
+                self._drop(handle, message["error"])
+                ok = False
+                nodes = [h for h in nodes if h is not handle]
+            else:
+                await self._common(handle, message)
+        return ok, replies
+
+    async def _reconfigure(self, *, restore: int | None, first: bool = False) -> None:
+        """Form a new membership epoch from the live members and the ready joiners."""
+        timeouts = self.settings.timeouts
+        need_sync = first
+        for _attempt in range(5):
+            survivors = [h for h in (self.members if not first else []) if not h.dead]
+            if first:
+                survivors = [self.local]
+            room = self.job.max_nodes - len(survivors)
+            joiners = [h for h in self._ready_joiners() if h not in survivors][: max(0, room)]
+            nodes = [self.local, *[h for h in survivors if h is not self.local], *joiners]
+            if len(nodes) < self.job.min_nodes:
+                raise JobError(
+                    f"only {len(nodes)} node(s) remain, the job needs at least "
+                    f"{self.job.min_nodes} (min_nodes); stopping"
+                )
+            self.epoch += 1
+            for rank, handle in enumerate(nodes):
+                handle.rank = rank
+            peers = [list(h.addr) for h in nodes if h.addr is not None]
+            assert len(peers) == len(nodes)
+            sync = need_sync or bool(joiners)
+            step = restore if restore is not None else self.committed
+            for handle in nodes:
+                keeps_state = handle in survivors and not first
+                await self._send(
+                    handle,
+                    {
+                        "k": "epoch",
+                        "epoch": self.epoch,
+                        "rank": handle.rank,
+                        "peers": peers,
+                        "restore": restore if keeps_state else None,
+                        "sync": sync,
+                        "step": step,
+                    },
+                )
+            ok, _ = await self._collect(nodes, "prepared", timeouts.connect)
+            if not ok:
+                self.members = [h for h in nodes if not h.dead]
+                first = False
+                continue
+            for handle in nodes:
+                await self._send(handle, {"k": "connect", "epoch": self.epoch})
+            ok, _ = await self._collect(nodes, "connected", timeouts.connect)
+            if ok:
+                for handle in nodes:
+                    await self._send(handle, {"k": "start", "epoch": self.epoch})
+                ok, _ = await self._collect(nodes, "started", timeouts.operation)
+            if not ok:
+                self.members = [h for h in nodes if not h.dead]
+                first = False
+                continue
+            for handle in nodes:
+                handle.state = "member"
+            self.members = nodes
+            self.membership = Membership(
+                self.epoch,
+                tuple(PeerAddress(h.rank, h.addr[0], h.addr[1]) for h in nodes if h.addr),
+            )
+            self.committed = self.next_plan = step
+            log.info(
+                "leader: membership epoch %d: %d node(s) from step %d%s",
+                self.epoch,
+                len(nodes),
+                step,
+                f" ({len(joiners)} joined)" if joiners and not first else "",
+            )
+            self.emit("epoch", epoch=self.epoch, world_size=len(nodes), step=step)
+            return
+        raise JobError("could not form a new membership after 5 attempts")
+
+    async def _recover(self, reason: str) -> None:
+        """Abort the running group, roll everyone back to a common boundary, carry on."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        log.warning(
+            "leader: aborting epoch %d at step >= %d: %s", self.epoch, self.committed, reason
+        )
+        before = list(self.members)
+        alive = [h for h in self.members if not h.dead]
+        for handle in alive:
+            await self._send(handle, {"k": "abort", "epoch": self.epoch})
+        _ok, replies = await self._collect(alive, "aborted", self.settings.timeouts.operation)
+        holders = {h: m["snapshots"] for h, m in replies.items() if m["k"] == "aborted"}
+        if self.local not in holders:
+            raise JobError("the leader's own worker did not stop for the rollback")
+        self.members = [h for h in alive if h in holders and not h.dead]
+        lost = sorted(h.rank for h in before if h not in self.members)
+        target = min(max(s) for s in holders.values() if s)
+        missing = [h.label() for h, s in holders.items() if target not in s]
+        if missing:
+            raise JobError(
+                f"no common boundary to roll back to: {', '.join(missing)} lack step {target}"
+            )
+        redone = self.next_plan - target
+        self.inflight.clear()
+        if self.settings.group_size == "auto" and not self.settings.bsp:
+            decision = self.settings.controller.after_failure(self.size)
+            log.info("group size: %s", decision.reason)
+            self.decisions.append({"step": target, "size": decision.size, "why": decision.reason})
+            self.size = decision.size
+        await self._reconfigure(restore=target)
+        seconds = loop.time() - t0
+        record = {
+            "reason": reason,
+            "lost_ranks": lost,
+            "rollback_to": target,
+            "planned_steps_redone": redone,
+            "seconds": round(seconds, 4),
+            "world_size": len(self.members),
+            "resumed_at": time.time(),
+        }
+        self.recoveries.append(record)
+        log.warning(
+            "leader: recovered in %.3fs: %d node(s) from step %d",
+            seconds,
+            len(self.members),
+            target,
+        )
+        self.emit("recovered", **record)
+
+    # ----------------------------------------------------------------------- end
+    async def _stop(self) -> dict[int, dict[str, Any]]:
+        nodes = [h for h in self.handles if not h.dead]
+        for handle in nodes:
+            await self._send(handle, {"k": "stop"})
+        byes: dict[int, dict[str, Any]] = {}
+        deadline = asyncio.get_running_loop().time() + self.settings.timeouts.operation
+        waiting = {h for h in self.members if not h.dead}
+        while waiting:
+            left = deadline - asyncio.get_running_loop().time()
+            event = await self._next(left) if left > 0 else None
+            if event is None:
+                break
+            handle, message = event
+            if message["k"] == "bye" and handle in waiting:
+                byes[message["rank"]] = message
+                waiting.discard(handle)
+            elif message["k"] == _LOST:
+                waiting.discard(handle)
+        for handle in self.handles:
+            if handle is not self.local and not handle.dead:
+                self.counted_closed += handle.channel.counted()
+                handle.dead = True
+                handle.channel.close()
+                if handle.pump is not None:
+                    handle.pump.cancel()
+        return byes
+
+    def accounting(self) -> dict[str, Any]:
+        """Samples and index sums per data epoch, against what a full pass must give."""
+        job = self.job
+        totals = self.model.totals
+        used = min(job.dataset_size, job.steps_per_epoch * job.global_batch)
+        checked = job.global_batch * job.dataset_size < 2**24
+        epochs = []
+        exact = True
+        for epoch in range(job.epochs):
+            samples = int(totals[epoch, 0])
+            row: dict[str, Any] = {"epoch": epoch, "samples": samples, "expected": used}
+            if checked:
+                expected_sum = int(
+                    epoch_permutation(job.seed, epoch, job.dataset_size)[:used].sum()
+                )
+                row["index_sum"] = int(totals[epoch, 1])
+                row["expected_index_sum"] = expected_sum
+                exact &= row["index_sum"] == expected_sum
+            exact &= samples == used
+            epochs.append(row)
+        return {"exact": bool(exact), "index_sums_checked": checked, "epochs": epochs}
+
+    def _summary(self, wall: float, byes: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        totals = self.model.totals
+        samples = int(totals[:, 0].sum())
+        last = totals[-1]
+        steps = self.steps_run
+        workers = max(1, len(self.members) - 1)
+        counted = self.counted_closed
+        hashes = {rank: bye["weights_sha256"] for rank, bye in sorted(byes.items())}
+        ranks = max(1, len(self.members))
+        return {
+            "rank": 0,
+            "steps": self.committed,
+            "steps_this_run": steps,
+            "samples": samples,
+            "loss": float(last[2] / last[0]) if last[0] else None,
+            "loss_by_epoch": [float(t[2] / t[0]) if t[0] else None for t in totals],
+            "wall_s": round(wall, 4),
+            "iterations_per_s": round(steps / wall, 2) if wall > 0 else None,
+            "world_size": len(self.members),
+            "membership_epochs": self.epoch + 1,
+            "group_size": self.size,
+            "bsp": self.settings.bsp,
+            "groups": self.groups_pushed,
+            "leader_messages": counted,
+            "leader_messages_per_iteration": round(counted / max(1, steps) / workers, 5),
+            "worker_wait_s": round(self.rank_time["t_wait"] / ranks, 4),
+            "worker_compute_s": round(self.rank_time["t_compute"] / ranks, 4),
+            "worker_allreduce_s": round(self.rank_time["t_reduce"] / ranks, 4),
+            "worker_boundary_s": round(self.rank_time["t_boundary"] / ranks, 4),
+            "accounting": self.accounting(),
+            "failures": len(self.recoveries),
+            "recoveries": self.recoveries,
+            "group_size_decisions": self.decisions[-20:],
+            "weights_sha256": self.model.weights_sha256(),
+            "weights_by_rank": hashes,
+            "weights_identical": len(set(hashes.values())) <= 1
+            and len(hashes) == len(self.members),
+        }

@@ -1,0 +1,330 @@
+"""`python -m p2pdl bench train --nodes 2,4 --compare ddp`: training throughput against torch DDP.
+
+The same MLP (64 → 2048 → 2048 → 512 → 10, 5.3M parameters, float32), the same synthetic
+data (seeded; a fixed random teacher labels Gaussian inputs), the same global batch and the
+same process count run through:
+
+* ``p2pdl-ddp``      — `p2pdl.torch.DistributedDataParallel` + an unchanged torch.optim.SGD
+                       (the "two changed lines" mode; bucketed allreduce during backward);
+* ``p2pdl-sharded``  — `p2pdl.torch.TorchTask` steps: forward/backward, then the sharded
+                       optimizer (one sliced allreduce whose owners run SGD on their slice;
+                       the all-gathered result is the new weights). This is the per-step work
+                       of job mode, driven by `p2pdl.torch.train` (no leader on the path);
+* ``p2pdl-sharded-sg`` — the same with reduce-scatter + separate all-gather of the weights;
+* ``ddp``            — `torch.nn.parallel.DistributedDataParallel` on gloo + torch.optim.SGD;
+
+and, to see what bounds the throughput, with the same processes and CPU contention:
+
+* ``compute``        — forward/backward/SGD with no communication at all;
+* ``comm-p2pdl`` / ``comm-gloo`` — the gradient allreduce alone (one 5.3M float32 buffer).
+
+Every process gets ``cores // nodes`` torch threads (at least 1). Results: a table on stdout,
+one JSON line per run, and `--json FILE` for all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MODES = ("p2pdl-ddp", "p2pdl-sharded", "p2pdl-sharded-sg", "ddp", "compute", "comm-p2pdl",
+         "comm-gloo")  # fmt: skip
+DEFAULT_MODES = ("p2pdl-ddp", "p2pdl-sharded", "ddp", "compute", "comm-p2pdl", "comm-gloo")
+INPUT, CLASSES = 64, 10
+HIDDEN = (2048, 2048, 512)
+
+
+def build_model() -> Any:
+    import torch
+
+    layers: list[Any] = []
+    width = INPUT
+    for hidden in HIDDEN:
+        layers += [torch.nn.Linear(width, hidden), torch.nn.ReLU()]
+        width = hidden
+    layers.append(torch.nn.Linear(width, CLASSES))
+    return torch.nn.Sequential(*layers)
+
+
+def make_data(n: int = 8192, seed: int = 0) -> tuple[Any, Any]:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, INPUT, generator=gen)
+    teacher = torch.randn(INPUT, CLASSES, generator=gen)
+    return x, (x @ teacher).argmax(dim=1)
+
+
+# ---------------------------------------------------------------------------- the worker
+def _worker(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from p2pdl.bench._procs import worker_rank
+
+    rank, world = worker_rank()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    mode = args.worker
+    x, y = make_data()
+    local_batch = args.batch // world
+    torch.manual_seed(0)
+    model = build_model()
+    params = sum(p.numel() for p in model.parameters())
+    lr, momentum = 0.01, 0.9
+
+    def batch(step: int) -> tuple[Any, Any]:
+        start = (step * args.batch + rank * local_batch) % (len(x) - local_batch)
+        return x[start : start + local_batch], y[start : start + local_batch]
+
+    def loss_of(m: Any, step: int) -> Any:
+        inputs, target = batch(step)
+        return torch.nn.functional.cross_entropy(m(inputs), target)
+
+    gloo = mode in ("ddp", "comm-gloo")
+    if gloo:
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{args.gloo_port}", rank=rank, world_size=world
+        )
+    node = None
+    if mode.startswith(("p2pdl", "comm-p2pdl")):
+        import p2pdl
+
+        settings = {"secret": args.secret.encode()}
+        if rank == 0:
+            node = p2pdl.connect(0, world_size=world, port=args.p2pdl_port, **settings)
+        else:
+            node = p2pdl.connect(leader=("127.0.0.1", args.p2pdl_port), **settings)
+
+    fwd_bwd: list[float] = []
+    after: list[float] = []
+
+    if mode in ("ddp", "p2pdl-ddp", "compute"):
+        if mode == "ddp":
+            wrapped = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=args.bucket_mb)
+        elif mode == "p2pdl-ddp":
+            from p2pdl.torch import DistributedDataParallel
+
+            wrapped = DistributedDataParallel(model, node, bucket_mb=args.bucket_mb)
+        else:
+            wrapped = model
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+        def step(i: int) -> None:
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            loss_of(wrapped, i).backward()
+            t1 = time.perf_counter()
+            opt.step()
+            fwd_bwd.append(t1 - t0)
+            after.append(time.perf_counter() - t1)
+
+    elif mode in ("p2pdl-sharded", "p2pdl-sharded-sg"):
+        from p2pdl.torch import TorchTask
+
+        task = TorchTask(
+            model_fn=build_model,
+            loss_fn=torch.nn.functional.cross_entropy,
+            dataset=(x, y),
+            optimizer={"name": "sgd", "lr": lr, "momentum": momentum},
+            partitions=1,
+            strategy="allreduce" if mode == "p2pdl-sharded" else "scatter_gather",
+        )
+        task.setup(node)
+        assert task.sharded is not None
+        task.sharded.broadcast_weights()
+        sharded = task.sharded
+
+        def step(i: int) -> None:
+            t0 = time.perf_counter()
+            start = (i * args.batch + rank * local_batch) % (len(x) - local_batch)
+            task._forward_backward(range(start, start + local_batch))
+            t1 = time.perf_counter()
+            sharded.runner.call(sharded.step_async(lr))
+            fwd_bwd.append(t1 - t0)
+            after.append(time.perf_counter() - t1)
+
+    else:  # communication alone
+        grads = np.random.default_rng(rank).standard_normal(params).astype(np.float32)
+        if mode == "comm-gloo":
+            tensor = torch.from_numpy(grads)
+
+            def step(i: int) -> None:
+                t0 = time.perf_counter()
+                dist.all_reduce(tensor)
+                after.append(time.perf_counter() - t0)
+                fwd_bwd.append(0.0)
+
+        else:
+            assert node is not None
+
+            def step(i: int) -> None:
+                t0 = time.perf_counter()
+                node.allreduce(grads, "mean")
+                after.append(time.perf_counter() - t0)
+                fwd_bwd.append(0.0)
+
+    for i in range(args.warmup):
+        step(i)
+    fwd_bwd.clear()
+    after.clear()
+    if gloo:
+        dist.barrier()
+    elif node is not None:
+        node.barrier()
+    begin = time.perf_counter()
+    for i in range(args.warmup, args.warmup + args.steps):
+        step(i)
+    wall = time.perf_counter() - begin
+    if gloo:
+        dist.barrier()
+        dist.destroy_process_group()
+    if node is not None:
+        node.barrier()
+        node.close()
+    if rank == 0:
+        result = {
+            "event": "bench_train",
+            "mode": mode,
+            "nodes": world,
+            "params": params,
+            "global_batch": args.batch,
+            "steps": args.steps,
+            "torch_threads": torch.get_num_threads(),
+            "samples_per_s": args.steps * args.batch / wall,
+            "step_ms": 1000 * wall / args.steps,
+            "fwd_bwd_ms": 1000 * float(np.mean(fwd_bwd)),
+            "after_backward_ms": 1000 * float(np.mean(after)),
+        }
+        Path(args.out).write_text(json.dumps(result))
+    return 0
+
+
+# ----------------------------------------------------------------------------- the parent
+def _run(mode: str, nodes: int, args: argparse.Namespace) -> dict[str, Any] | None:
+    import secrets
+
+    from p2pdl.bench._procs import free_port, run_workers
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "result.json")
+        argv = [
+            "-m", "p2pdl.bench.train", "--worker", mode, "--out", out,
+            "--batch", str(args.batch), "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--bucket-mb", str(args.bucket_mb),
+            "--gloo-port", str(free_port()), "--p2pdl-port", str(free_port()),
+            "--secret", secrets.token_hex(16),
+        ]  # fmt: skip
+        code = run_workers(argv, nodes, use_mpirun=False, timeout=args.timeout)
+        if code != 0 or not os.path.exists(out):
+            print(f"{mode} at n={nodes} failed (exit status {code})", file=sys.stderr)
+            return None
+        return json.loads(Path(out).read_text())
+
+
+def _best(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (nodes, mode): the fastest run, with the median samples/s of all its runs."""
+    import statistics
+
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["nodes"], run["mode"]), []).append(run)
+    best = []
+    for group in groups.values():
+        top = dict(min(group, key=lambda r: r["step_ms"]))
+        top["median_samples_per_s"] = statistics.median(r["samples_per_s"] for r in group)
+        top["runs"] = len(group)
+        best.append(top)
+    return best
+
+
+def _table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| nodes | mode | samples/s (best) | median | step ms | fwd+bwd ms | after bwd ms "
+        "| ÷ DDP |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    ddp = {r["nodes"]: r["samples_per_s"] for r in results if r["mode"] == "ddp"}
+    for r in results:
+        base = ddp.get(r["nodes"])
+        training = not r["mode"].startswith(("comm", "compute"))
+        ratio = f"{r['samples_per_s'] / base:.2f}" if base and training else ""
+        comm = r["mode"].startswith("comm")
+        rate = f"{r['samples_per_s']:,.0f}" if not comm else "—"
+        median = f"{r['median_samples_per_s']:,.0f}" if not comm else "—"
+        lines.append(
+            f"| {r['nodes']} | {r['mode']} | {rate} | {median} | {r['step_ms']:.1f} | "
+            f"{r['fwd_bwd_ms']:.1f} | {r['after_backward_ms']:.1f} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m p2pdl bench train", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--nodes", default="2,4", help="process counts, comma separated")
+    parser.add_argument("--compare", default="ddp", choices=["ddp", "none"])
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"of {MODES}")
+    parser.add_argument("--batch", type=int, default=256, help="global batch (default 256)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--bucket-mb", type=float, default=4.0, help="DDP bucket size, both")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="rounds over all modes (best of them is shown)"
+    )
+    parser.add_argument("--timeout", type=float, default=300.0, help="per run, seconds")
+    parser.add_argument("--json", help="write every result to this file")
+    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--gloo-port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--p2pdl-port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--secret", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    if args.worker:
+        return _worker(args)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("bench train needs PyTorch: pip install 'p2pdl[torch]'", file=sys.stderr)
+        return 2
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        print(f"unknown mode(s) {unknown}; choose from {MODES}", file=sys.stderr)
+        return 2
+    if args.compare == "none":
+        modes = [m for m in modes if m not in ("ddp", "comm-gloo")]
+    counts = [int(n) for n in str(args.nodes).split(",") if n.strip()]
+    runs: list[dict[str, Any]] = []
+    status = 0
+    for nodes in counts:
+        # Modes take turns, round after round: a shared machine's noise hits all of them.
+        for _round in range(max(1, args.repeat)):
+            for mode in modes:
+                result = _run(mode, nodes, args)
+                if result is None:
+                    status = 1
+                    continue
+                print(json.dumps(result), flush=True)
+                runs.append(result)
+    results = _best(runs)
+    print(_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"best": results, "runs": runs}, indent=1))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

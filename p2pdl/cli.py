@@ -111,7 +111,15 @@ def _launch_parser(sub: Any) -> None:
         help="seconds between SIGTERM and SIGKILL when stopping the rest",
     )
     launch.add_argument(
-        "command", nargs=argparse.REMAINDER, help="script.py args… (or -m module args…)"
+        "--job",
+        metavar="MODULE:ATTR",
+        help="start a group-scheduled job instead of a script: a leader node and N-1 workers "
+        "(the remaining arguments go to the leader node)",
+    )
+    launch.add_argument(
+        "program",
+        nargs=argparse.REMAINDER,
+        help="script.py args… (or -m module args…); with --job, node options",
     )
     launch.set_defaults(handler=_cmd_launch)
 
@@ -255,16 +263,18 @@ def _run_job(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- launch
 def _cmd_launch(args: argparse.Namespace) -> int:
-    from p2pdl.launch import launch
+    from p2pdl.launch import launch, launch_job
 
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
-    if not command:
-        raise ConfigError("launch needs a script (script.py args… or -m module args…)")
+    program = list(args.program)
+    if program and program[0] == "--":
+        program = program[1:]
     if args.nodes < 1:
         raise ConfigError(f"-n must be at least 1, got {args.nodes}")
-    return launch(args.nodes, command, grace=args.grace)
+    if args.job:
+        return launch_job(args.nodes, args.job, program, grace=args.grace)
+    if not program:
+        raise ConfigError("launch needs a script (script.py args… or -m module args…)")
+    return launch(args.nodes, program, grace=args.grace)
 
 
 # ------------------------------------------------------------------------------ bench

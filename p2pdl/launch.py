@@ -51,23 +51,26 @@ async def _pump(stream: asyncio.StreamReader, prefix: bytes, out: object) -> Non
         buffer.flush()
 
 
-async def _launch(world_size: int, command: Sequence[str], grace: float) -> int:
-    leader = f"127.0.0.1:{free_port()}"
-    secret = secrets.token_hex(16)
-    argv = [sys.executable, *command] if command[0] != sys.executable else list(command)
+async def _launch(
+    commands: Sequence[Sequence[str]],
+    envs: Sequence[dict[str, str]],
+    grace: float,
+    label: str = "rank",
+) -> int:
+    """Run one process per rank; stop all on the first failure; return its exit code."""
     procs: list[asyncio.subprocess.Process] = []
     pumps: list[asyncio.Task[None]] = []
     loop = asyncio.get_running_loop()
-    for rank in range(world_size):
+    for rank, (argv, env) in enumerate(zip(commands, envs, strict=True)):
         proc = await asyncio.create_subprocess_exec(
             *argv,
-            env=cluster_env(rank, world_size, leader, secret),
+            env=env,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
         procs.append(proc)
-        prefix = f"[rank {rank}] ".encode()
+        prefix = f"[{label} {rank}] ".encode()
         assert proc.stdout is not None and proc.stderr is not None
         pumps.append(asyncio.ensure_future(_pump(proc.stdout, prefix, sys.stdout)))
         pumps.append(asyncio.ensure_future(_pump(proc.stderr, prefix, sys.stderr)))
@@ -105,7 +108,7 @@ async def _launch(world_size: int, command: Sequence[str], grace: float) -> int:
                     failure = code
                     if not interrupted:
                         print(
-                            f"p2pdl launch: rank {waits[task]} exited with {code}; "
+                            f"p2pdl launch: {label} {waits[task]} exited with {code}; "
                             "stopping the others",
                             file=sys.stderr,
                             flush=True,
@@ -129,4 +132,43 @@ def launch(world_size: int, command: Sequence[str], *, grace: float = 5.0) -> in
     """Run `command` (script.py args… or -m module args…) as `world_size` ranks."""
     import uvloop
 
-    return uvloop.run(_launch(world_size, list(command), grace))
+    leader = f"127.0.0.1:{free_port()}"
+    secret = secrets.token_hex(16)
+    argv = [sys.executable, *command] if command[0] != sys.executable else list(command)
+    envs = [cluster_env(rank, world_size, leader, secret) for rank in range(world_size)]
+    return uvloop.run(_launch([argv] * world_size, envs, grace))
+
+
+def launch_job(
+    world_size: int, job: str, node_args: Sequence[str] = (), *, grace: float = 5.0
+) -> int:
+    """Run a group-scheduled job locally: one leader node and `world_size - 1` workers.
+
+    The nodes are ordinary `python -m p2pdl node` processes (the leader with `--lead --job`,
+    the others with `--leader`), sharing a fresh secret; `node_args` go to the leader.
+    """
+    import uvloop
+
+    host, port = "127.0.0.1", free_port()
+    secret = secrets.token_hex(16)
+    base = [sys.executable, "-m", "p2pdl", "node"]
+    leader = [
+        *base,
+        "--lead",
+        "--nodes",
+        str(world_size),
+        "--job",
+        job,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        *node_args,
+    ]
+    worker = [*base, "--leader", f"{host}:{port}", "--host", host, "--port", "0"]
+    env = {**os.environ, "P2PDL_SECRET": secret, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("OMP_WAIT_POLICY", "passive")
+    env.pop("P2PDL_RANK", None)
+    commands = [leader] + [worker] * (world_size - 1)
+    # Ranks are assigned by the leader (and change with membership epochs): label by node.
+    return uvloop.run(_launch(commands, [env] * world_size, grace, label="node"))

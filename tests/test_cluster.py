@@ -219,3 +219,17 @@ def test_plain_rendezvous_through_the_cli_and_clean_sigterm() -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_launch_runs_a_whole_job_locally() -> None:
+    done = _run(["launch", "-n", "3", "--job", "examples.numpy_linear:task"])
+    assert done.returncode == 0, done.stderr
+    summaries = [
+        json.loads(line.split("] ", 1)[1])
+        for line in done.stdout.splitlines()
+        if '"event": "done"' in line
+    ]
+    assert len(summaries) == 3
+    leader = next(s for s in summaries if "accounting" in s)
+    assert leader["accounting"]["exact"] is True
+    assert len({s["weights_sha256"] for s in summaries}) == 1

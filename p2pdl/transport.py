@@ -215,17 +215,53 @@ class Link(asyncio.BufferedProtocol):
             self._handshake_frame = False
             return
         tag = frame.header["t"]
+        buffer = frame.payload.obj
         posted = self._posted.pop(tag, None)
-        if posted is not None:
+        if posted is not None and posted.view is not None and buffer is posted.view.obj:
             if not posted.future.done():
                 posted.future.set_result((frame.header, posted.view))
             return
-        buffer = frame.payload.obj
+        # The payload went to an early buffer: no receive was posted when its header came.
         assert isinstance(buffer, bytearray)
-        if self.on_unsolicited is not None and self.on_unsolicited(self, frame.header, buffer):
-            self._early_bytes -= len(buffer)
+        self._early_bytes -= len(buffer)
+        if posted is not None:
+            # The receive was posted while this payload was still arriving: copy it over.
+            self._fill(posted.future, tag, frame.header, buffer, posted.view, posted.check)
             return
+        if self.on_unsolicited is not None and self.on_unsolicited(self, frame.header, buffer):
+            return
+        self._early_bytes += len(buffer)
         self._early[tag] = (frame.header, buffer)
+
+    def _fill(
+        self,
+        future: asyncio.Future[tuple[dict[str, Any], memoryview]],
+        tag: int,
+        header: dict[str, Any],
+        buffer: bytearray,
+        view: memoryview | None,
+        check: HeaderCheck | None,
+    ) -> None:
+        """Complete a receive from a frame that was kept in memory (it came early)."""
+        try:
+            if check is not None:
+                check(header, len(buffer))
+            if view is None:
+                view = memoryview(buffer)
+            elif view.nbytes != len(buffer):
+                raise ProtocolError(
+                    f"sent {len(buffer)} bytes for tag {tag}, "
+                    f"the posted buffer holds {view.nbytes}",
+                    rank=self.rank,
+                )
+            else:
+                view[:] = buffer
+        except P2PDLError as exc:
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result((header, view))
 
     def post(
         self, tag: int, view: memoryview | None = None, check: HeaderCheck | None = None
@@ -245,23 +281,7 @@ class Link(asyncio.BufferedProtocol):
         if early is not None:
             header, buffer = early
             self._early_bytes -= len(buffer)
-            try:
-                if check is not None:
-                    check(header, len(buffer))
-                if view is None:
-                    view = memoryview(buffer)
-                elif view.nbytes != len(buffer):
-                    raise ProtocolError(
-                        f"sent {len(buffer)} bytes for tag {tag}, "
-                        f"the posted buffer holds {view.nbytes}",
-                        rank=self.rank,
-                    )
-                else:
-                    view[:] = buffer
-            except P2PDLError as exc:
-                future.set_exception(exc)
-                return future
-            future.set_result((header, view))
+            self._fill(future, tag, header, buffer, view, check)
             return future
         if tag in self._posted:
             raise RuntimeError(f"tag {tag} is already posted on the link to {self.label}")

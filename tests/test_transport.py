@@ -325,8 +325,75 @@ def test_cluster_without_secret_on_loopback_carries_data_right_after_welcome() -
             for _ in range(3):
                 arrays = [np.full(300_000, node.rank + 1.0, np.float32) for node in nodes]
                 await asyncio.gather(
-                    *(node.allreduce(a, algorithm="sliced") for node, a in zip(nodes, arrays))
+                    *(
+                        node.allreduce(a, algorithm="sliced")
+                        for node, a in zip(nodes, arrays, strict=True)
+                    )
                 )
                 assert all(np.all(a == 6.0) for a in arrays)
+
+    run(body())
+
+
+class _FakeTransport:
+    """Enough of an asyncio transport to drive a Link by hand."""
+
+    def __init__(self) -> None:
+        self.paused = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def set_write_buffer_limits(self, high: int = 0, low: int = 0) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    abort = close
+
+
+def _feed(link, data: bytes, piece: int) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        target = link.get_buffer(-1)
+        n = min(piece, target.nbytes, view.nbytes)
+        target[:n] = view[:n]
+        view = view[n:]
+        link.buffer_updated(n)
+
+
+@pytest.mark.parametrize("size", [1, 1000, 200_000])
+def test_receive_posted_while_an_early_payload_is_arriving_gets_the_data(size: int) -> None:
+    """A frame whose header came before its receive was posted is kept in memory; if the
+    receive is posted while the payload is still arriving, the data must reach the posted
+    buffer (it once resolved with the posted buffer untouched)."""
+    from p2pdl.transport import Link
+
+    async def body() -> None:
+        link = Link(Limits())
+        link.connection_made(_FakeTransport())
+        link.mark_authenticated(1)
+        payload = np.random.default_rng(size).integers(0, 255, size, dtype=np.uint8).tobytes()
+        frame = encode_head({"t": 7}, size) + payload
+        half = len(frame) - size // 2 - 1
+        _feed(link, frame[:half], 4096)
+        target = np.zeros(size, np.uint8)
+        future = link.post(7, memoryview(target))
+        assert not future.done()
+        _feed(link, frame[half:], 4096)
+        header, _view = await asyncio.wait_for(future, 5)
+        assert header["t"] == 7
+        assert target.tobytes() == payload
+        assert link._early_bytes == 0
 
     run(body())

@@ -93,6 +93,12 @@ def _node_parser(sub: Any) -> None:
     job.add_argument("--checkpoint-dir", help="write boundary snapshots here")
     job.add_argument("--checkpoint-every", type=int, default=10, help="groups between snapshots")
     job.add_argument("--resume", action="store_true", help="restart from the last checkpoint")
+    job.add_argument(
+        "--stall-timeout",
+        type=_positive_float,
+        default=10.0,
+        help="seconds without progress before a step is reported to the stall inspector",
+    )
     node.set_defaults(handler=_cmd_node)
 
 

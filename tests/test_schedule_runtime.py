@@ -3,6 +3,7 @@ scheduled and BSP training, and a leader crash resumed from its checkpoint."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import msgpack
@@ -134,3 +135,35 @@ def test_leader_crash_resumes_from_checkpoint(procs: Procs, tmp_path: Path) -> N
     except AssertionError:
         print(procs.logs())
         raise
+
+
+@pytest.mark.slow
+def test_stall_inspector_names_the_rank_everyone_waits_for(procs: Procs, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    stall = ("--stall-timeout", "1")
+    leader = procs.lead(JOB, 3, *stall)
+    free = procs.join("w1", leader)
+    held = procs.join(
+        "w2", leader, env={"SCHED_TEST_GATE_FILE": str(gate), "SCHED_TEST_GATE_STEP": "5"}
+    )
+    try:
+        held_rank = held.wait_event("ready")["rank"]
+        leader.wait_event("stall")
+        # Each stalled rank reports on its own; once both free ranks have, the inspector
+        # names exactly the held one.
+        deadline = time.monotonic() + 60
+        reports: list[dict] = []
+        while time.monotonic() < deadline:
+            reports = [e for e in leader.events() if e.get("event") == "stall"]
+            if any(r["waiting_for"] == [held_rank] for r in reports):
+                break
+            time.sleep(0.05)  # polling the leader's output for a condition, under a deadline
+        assert any(r["waiting_for"] == [held_rank] and r["step"] == 5 for r in reports), reports
+        gate.touch()
+        assert [node.wait() for node in (leader, free, held)] == [0, 0, 0]
+        assert leader.event("done")["accounting"]["exact"]
+    except AssertionError:
+        print(procs.logs())
+        raise
+    finally:
+        gate.touch()

@@ -150,6 +150,7 @@ class JobNodeOptions:
             "checkpoint_dir": getattr(args, "checkpoint_dir", None),
             "checkpoint_every": getattr(args, "checkpoint_every", 10),
             "resume": bool(getattr(args, "resume", False)),
+            "stall_timeout": float(getattr(args, "stall_timeout", 10.0)),
             "secret": node_kwargs.get("secret"),
             "insecure": bool(node_kwargs.get("insecure", False)),
             "cluster_id": node_kwargs.get("cluster_id", "p2pdl"),

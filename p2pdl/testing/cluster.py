@@ -84,7 +84,8 @@ class LocalCluster:
         self._deadline = 0.0
 
     # --------------------------------------------------------------------- processes
-    def _argv(self, rank: int) -> list[str]:
+    def command(self, rank: int) -> list[str]:
+        """The command line of `rank`'s node process (subclasses add options)."""
         argv = [
             sys.executable,
             "-m",
@@ -106,15 +107,19 @@ class LocalCluster:
             argv += ["--run", self.run, "--run-args", json.dumps(self.run_args)]
         return argv + self.extra_args
 
+    def popen(self, rank: int, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Start `rank`'s process in its own session (subclasses start it elsewhere)."""
+        return subprocess.Popen(argv, start_new_session=True, **kwargs)
+
     def _spawn(self, rank: int) -> NodeProcess:
-        popen = subprocess.Popen(
-            self._argv(rank),
+        popen = self.popen(
+            rank,
+            self.command(rank),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=self.env,
             cwd=self.cwd,
-            start_new_session=True,
         )
         node = NodeProcess(rank, popen)
         threading.Thread(target=self._read, args=(node,), daemon=True).start()

@@ -677,6 +677,13 @@ def test_peer_closed_mid_collective_fails_survivors_with_peer_lost() -> None:
             # The survivors still serve each other... but a collective needs every rank.
             with pytest.raises(PeerLostError):
                 await nodes[0].allreduce(np.ones(4, np.float32), timeout=SHORT)
+        # The same process (and event loop) goes on to form a new cluster without rank 2.
+        async with make_cluster(n - 1, timeouts=short_timeouts(operation=SHORT)) as fresh:
+            arrays = [np.full(size, node.rank + 1.0, np.float32) for node in fresh]
+            await asyncio.gather(
+                *(node.allreduce(a) for node, a in zip(fresh, arrays, strict=True))
+            )
+            assert all(np.all(a == 3.0) for a in arrays)
 
     run(body())
 

@@ -31,13 +31,30 @@ ALGORITHMS = {
 }
 OPS = ("sum", "mean")
 COMPRESSIONS = (None, "bf16", "fp16")
-DIRECT_MAX_BYTES = 64 * 1024
-"""At or below this size (per rank), one all-to-all hop beats slicing."""
-DEFAULT_CHUNK_BYTES = 1024 * 1024
+DIRECT_MAX_BYTES = 512 * 1024
+"""`direct` while each rank sends at most 2 × this (nbytes · (world_size − 1) ≤ 1 MiB)."""
+DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
+"""Wire bytes per frame in `sliced`/`ring`: 2 MiB cut the CPU per 64 MiB allreduce by ~10%
+against 1 MiB (fewer frames, wakeups and thread hops) and stays under the kernels'
+multi-threading threshold; 256 KiB cost ~50% more CPU (docs/benchmarks.md)."""
+
+
+_DTYPE_NAMES = {"f": "float32", "d": "float64"}
+"""str(dtype) costs microseconds per call; descriptors only ever name these two."""
 
 
 def choose_algorithm(nbytes: int, world_size: int) -> str:
-    """The "auto" policy: `direct` for small buffers, `sliced` otherwise."""
+    """The "auto" policy: `direct` for small buffers, `sliced` otherwise.
+
+    Measured crossover (loopback, 2 shared cores, medians of 30 interleaved calls, the
+    slowest rank's time; table in docs/benchmarks.md "AllReduce"): `direct` beat `sliced`
+    up to 1 MiB at n=2 (0.55 vs 0.59 ms) and lost at 2 MiB; up to 512 KiB at n=3 (0.94 vs
+    1.04 ms), tied at 1 MiB and lost at 2 MiB; up to 512 KiB at n=4 (1.72 vs 1.88 ms) and
+    lost at 1 MiB (3.42 vs 2.83 ms). In bytes each rank sends in `direct`, nbytes · (n − 1),
+    the crossover sits near 1 MiB for every n measured, which is the rule below. (At exactly
+    256 KiB `direct` measured slower than at 512 KiB: a frame at the transport's eager limit
+    that arrives before its receive is posted is buffered and copied; see the docs.)
+    """
     if world_size <= 1 or nbytes * max(1, world_size - 1) <= DIRECT_MAX_BYTES * 2:
         return "direct"
     return "sliced"
@@ -155,7 +172,8 @@ class Collectives:
             chosen = "direct"
         if compression is not None and chosen in ("driver", "tree"):
             raise ValueError(f"the {chosen} baseline sends full precision; use no compression")
-        descriptor = f"allreduce({chosen}, {op}, {buf.dtype}[{buf.size}], {compression})"
+        dtype = _DTYPE_NAMES.get(buf.dtype.char) or str(buf.dtype)
+        descriptor = f"allreduce({chosen}, {op}, {dtype}[{buf.size}], {compression})"
         operation = Operation(self.group, "allreduce", descriptor, timeout or self.timeout)
         ctx = self._context(
             operation, buf, mean=op == "mean", compression=compression, on_slice=on_slice

@@ -61,19 +61,20 @@ class ReduceContext:
         nbytes = dst.nbytes * max(1, len(sources))
         compression = self.compression
         scale = 1.0 / self.world_size if self.mean and final else None
+        parallel = self._parallel(dst.size)
 
         def work() -> None:
             if compression is None:
-                kernels.sum_into(dst, sources)
+                sum_in_rank_order(dst, sources, parallel)
             else:
                 decode_add = (
                     kernels.decode_add_bf16 if compression == "bf16" else (kernels.decode_add_fp16)
                 )
                 for source in sources:
                     if source is not dst:
-                        decode_add(dst, source)
+                        decode_add(dst, source, parallel=parallel)
             if scale is not None:
-                kernels.scale_(dst, scale)
+                kernels.scale_(dst, scale, parallel=parallel)
 
         await self.compute.run(nbytes, work)
 
@@ -86,17 +87,57 @@ class ReduceContext:
         if isinstance(result, Awaitable):
             await result
 
+    def _parallel(self, elems: int) -> bool | None:
+        """Pipelined chunks use the single-threaded kernels; whole buffers may use more.
+
+        A chunk's arithmetic overlaps the transfer of the next chunks, so extra kernel threads
+        buy little there and cost a lot when the cores are shared (measured: 4 MiB chunks
+        with the multi-threaded kernels took ~40% more CPU per allreduce than 1-2 MiB ones;
+        see docs/benchmarks.md). Unchunked work (`direct`) keeps the kernels' own choice.
+        """
+        return False if elems <= self.chunk_elems else None
+
     def encode(self, src: np.ndarray, out: np.ndarray) -> None:
+        parallel = self._parallel(src.size)
         if self.compression == "bf16":
-            kernels.encode_bf16(src, out)
+            kernels.encode_bf16(src, out, parallel=parallel)
         else:
-            kernels.encode_fp16(src, out)
+            kernels.encode_fp16(src, out, parallel=parallel)
 
     def decode(self, src16: np.ndarray, out: np.ndarray) -> None:
+        parallel = self._parallel(src16.size)
         if self.compression == "bf16":
-            kernels.decode_bf16(src16, out)
+            kernels.decode_bf16(src16, out, parallel=parallel)
         else:
-            kernels.decode_fp16(src16, out)
+            kernels.decode_fp16(src16, out, parallel=parallel)
+
+
+SMALL_TEMP_ELEMS = 64 * 1024
+"""Up to this size a temporary partial sum is cheaper than the kernels' general k-way path."""
+
+
+def sum_in_rank_order(dst: np.ndarray, sources: list[np.ndarray], parallel: bool | None) -> None:
+    """dst = ((s0 + s1) + s2) + ... where `dst` is itself one of `sources` (this rank's own).
+
+    `kernels.sum_into` takes its fast fixed-arity kernels only when `dst` is the first source;
+    when it is source r > 0 it builds a typed list per call (~30 µs, most of a 4 KiB direct
+    allreduce on rank 1). IEEE addition is commutative, so the same bits come out of
+    dst += (s0 + ... + s_{r-1}) followed by dst = dst + s_{r+1} + ...: both steps are fast
+    kernels for up to 4 sources on either side.
+    """
+    r = next((i for i, source in enumerate(sources) if source is dst), 0)
+    rest = sources[r + 1 :]
+    if r == 0 or r > 4 or len(rest) > 3 or (r > 1 and dst.size > SMALL_TEMP_ELEMS):
+        kernels.sum_into(dst, sources, parallel=parallel)
+        return
+    if r == 1:
+        kernels.add_(dst, sources[0], parallel=parallel)
+    else:
+        head = np.empty_like(dst)
+        kernels.sum_into(head, sources[:r], parallel=parallel)
+        kernels.add_(dst, head, parallel=parallel)
+    if rest:
+        kernels.sum_into(dst, [dst, *rest], parallel=parallel)
 
 
 async def gather_all(*aws: Awaitable[Any]) -> None:

@@ -46,29 +46,27 @@ async def reduce_scatter(ctx: ReduceContext, plan: SlicePlan, *, then_gather: bo
         ]
         for p in peers
     }
+    # All-gather receives: uncompressed chunks land in place (the arrival futures are all
+    # there is to wait for); compressed ones land in scratch and one task per peer decodes
+    # them in order.
     gathered: list[asyncio.Future] = []
-    gather_scratch: dict[int, np.ndarray] = {}
+    decoders = []
     if then_gather:
         for p in peers:
             start, stop = plan.slices[p]
-            target = buf
-            if compressed:
-                gather_scratch[p] = scratch(stop - start)
+            landing = scratch(stop - start) if compressed else None
+            chunk_arrivals = []
             for c, (a, b) in enumerate(plan.chunks[p]):
-                if compressed:
-                    view = as_bytes(gather_scratch[p][a - start : b - start])
+                if landing is not None:
+                    view = as_bytes(landing[a - start : b - start])
                 else:
-                    view = as_bytes(target[a:b])
-                gathered.append(
-                    _landing(
-                        ctx,
-                        ctx.op.recv(p, _gather_sub(plan, c), view),
-                        p,
-                        a,
-                        b,
-                        gather_scratch.get(p),
-                        start,
-                    )
+                    view = as_bytes(buf[a:b])
+                chunk_arrivals.append(ctx.op.recv(p, _gather_sub(plan, c), view))
+            if landing is None:
+                gathered.extend(chunk_arrivals)
+            else:
+                decoders.append(
+                    _decode_arrivals(ctx, plan.chunks[p], chunk_arrivals, landing, start)
                 )
     outgoing16 = scratch(plan.n - own_len) if compressed else None
 
@@ -89,21 +87,34 @@ async def reduce_scatter(ctx: ReduceContext, plan: SlicePlan, *, then_gather: bo
         running += plan.slices[p][1] - plan.slices[p][0]
 
     own16 = scratch(own_len) if compressed and then_gather else None
-    shares: list[asyncio.Task] = []
+    # ready[c] resolves once chunk c of our slice is reduced (and, with on_slice, updated)
+    # and payloads[c] holds what to share; one sender per peer walks the chunks in order.
+    loop = asyncio.get_running_loop()
+    ready = [loop.create_future() for _ in own_chunks] if then_gather else []
+    payloads: list[memoryview | None] = [None] * len(own_chunks)
 
-    async def share(c: int, a: int, b: int) -> None:
+    def publish(c: int) -> None:
+        a, b = own_chunks[c]
         if own16 is not None:
             part = own16[a - own_start : b - own_start]
             ctx.encode(buf[a:b], part)
             ctx.decode(part, buf[a:b])  # every rank, the owner too, holds the rounded value
-            payload = as_bytes(part)
+            payloads[c] = as_bytes(part)
         else:
-            payload = as_bytes(buf[a:b])
-        await gather_all(*(ctx.op.send(p, _gather_sub(plan, c), payload) for p in peers))
+            payloads[c] = as_bytes(buf[a:b])
+        ready[c].set_result(None)
+
+    async def share(peer: int) -> None:
+        for c in range(len(own_chunks)):
+            await ready[c]
+            payload = payloads[c]
+            assert payload is not None
+            await ctx.op.send(peer, _gather_sub(plan, c), payload)
 
     async def reduce_own() -> None:
         for c, (a, b) in enumerate(own_chunks):
-            await asyncio.gather(*(arrivals[p][c] for p in peers))
+            for p in peers:
+                await arrivals[p][c]
             dst = buf[a:b]
             sources = [
                 dst if p == rank else incoming[p][a - own_start : b - own_start]
@@ -111,41 +122,38 @@ async def reduce_scatter(ctx: ReduceContext, plan: SlicePlan, *, then_gather: bo
             ]
             await ctx.reduce_chunk(dst, sources)
             if then_gather and ctx.on_slice is None:
-                shares.append(asyncio.ensure_future(share(c, a, b)))
+                publish(c)
         if then_gather and ctx.on_slice is not None:
             await ctx.finish_slice(own_start, own_stop)
-            for c, (a, b) in enumerate(own_chunks):
-                shares.append(asyncio.ensure_future(share(c, a, b)))
+            for c in range(len(own_chunks)):
+                publish(c)
         elif not then_gather:
             await ctx.finish_slice(own_start, own_stop)
-        await gather_all(*shares)
 
     try:
         await gather_all(
             reduce_own(),
             *(contribute(p, offsets[p]) for p in peers),
+            *((share(p) for p in peers) if then_gather else ()),
             *gathered,
+            *decoders,
         )
     finally:
-        for task in shares:
-            task.cancel()
         for raw in held:
             pool.give(raw)
 
 
-async def _landing(
+async def _decode_arrivals(
     ctx: ReduceContext,
-    arrival: asyncio.Future,
-    peer: int,
-    a: int,
-    b: int,
-    scratch16: np.ndarray | None,
+    chunks: tuple[tuple[int, int], ...],
+    arrivals: list[asyncio.Future],
+    landing: np.ndarray,
     slice_start: int,
 ) -> None:
-    """Wait for one gathered chunk; decode it into place when the wire was compressed."""
-    await arrival
-    if scratch16 is not None:
-        ctx.decode(scratch16[a - slice_start : b - slice_start], ctx.buf[a:b])
+    """Decode one peer's compressed all-gather chunks into place as they land, in order."""
+    for (a, b), arrival in zip(chunks, arrivals, strict=True):
+        await arrival
+        ctx.decode(landing[a - slice_start : b - slice_start], ctx.buf[a:b])
 
 
 async def allreduce_sliced(ctx: ReduceContext) -> None:

@@ -31,7 +31,17 @@ async def allreduce_direct(ctx: ReduceContext) -> None:
             payload = as_bytes(own16)
         else:
             payload = as_bytes(buf)
-        await gather_all(*arrivals, *(ctx.op.send(p, 0, payload) for p in ctx.peers))
+        # One small frame per peer: `send` returns at once unless the socket is full, so
+        # sending in turn costs no task per peer (the receives are futures, filled by the
+        # transport whatever this coroutine is doing).
+        try:
+            for p in ctx.peers:
+                await ctx.op.send(p, 0, payload)
+            await gather_all(*arrivals)
+        except BaseException:
+            for arrival in arrivals:
+                arrival.cancel()
+            raise
         if compressed:
             # Rank order with compressed peers: decode each into a float copy, then sum.
             decoded = {p: np.empty_like(buf) for p in ctx.peers}

@@ -155,11 +155,16 @@ class Node:
         except BaseException:
             await self.close()
             raise
+        # Host identity: the address a rank advertises (ranks in one network namespace or on
+        # one machine share it), which the hierarchical allreduce uses for phase 1.
         self.membership = Membership(
-            0, tuple(PeerAddress(r, h, p) for r, (h, p) in enumerate(peers))
+            0, tuple(PeerAddress(r, h, p, host_id=h) for r, (h, p) in enumerate(peers))
         )
         self.collectives = Collectives(
-            mesh, timeout=self.timeouts.operation, chunk_bytes=self._chunk_bytes
+            mesh,
+            timeout=self.timeouts.operation,
+            chunk_bytes=self._chunk_bytes,
+            host_ids=[peer.host_id for peer in self.membership.peers],
         )
         return self
 

@@ -16,6 +16,7 @@ from p2pdl import kernels
 from p2pdl.collectives.baselines import allreduce_driver, allreduce_tree
 from p2pdl.collectives.compute import Compute, ScratchPool
 from p2pdl.collectives.context import OnSlice, ReduceContext
+from p2pdl.collectives.hierarchical import allreduce_hierarchical, worth_it
 from p2pdl.collectives.op import Group, Operation
 from p2pdl.collectives.plan import SlicePlan, plan_slices
 from p2pdl.collectives.ring import allreduce_ring
@@ -43,8 +44,9 @@ _DTYPE_NAMES = {"f": "float32", "d": "float64"}
 """str(dtype) costs microseconds per call; descriptors only ever name these two."""
 
 
-def choose_algorithm(nbytes: int, world_size: int) -> str:
-    """The "auto" policy: `direct` for small buffers, `sliced` otherwise.
+def choose_algorithm(nbytes: int, world_size: int, host_ids: Sequence[str] | None = None) -> str:
+    """The "auto" policy: `direct` for small buffers, `sliced` otherwise — or
+    `hierarchical` when ranks share hosts across several hosts (one copy per host link).
 
     Measured crossover (loopback, 2 shared cores, medians of 30 interleaved calls, the
     slowest rank's time; table in docs/benchmarks.md "AllReduce"): `direct` beat `sliced`
@@ -57,6 +59,8 @@ def choose_algorithm(nbytes: int, world_size: int) -> str:
     """
     if world_size <= 1 or nbytes * max(1, world_size - 1) <= DIRECT_MAX_BYTES * 2:
         return "direct"
+    if worth_it(host_ids):
+        return "hierarchical"
     return "sliced"
 
 
@@ -107,8 +111,11 @@ class Collectives:
         timeout: float,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         compute: Compute | None = None,
+        host_ids: Sequence[str] | None = None,
     ) -> None:
         self.group = group
+        self.host_ids = list(host_ids) if host_ids is not None else None
+        """Which host each rank runs on (rank order); ranks on one host are local."""
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.compute = compute or Compute()
@@ -156,8 +163,10 @@ class Collectives:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
-        if algorithm != "auto" and algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be 'auto' or one of {sorted(ALGORITHMS)}")
+        if algorithm != "auto" and algorithm not in ALGORITHMS and algorithm != "hierarchical":
+            raise ValueError(
+                f"algorithm must be 'auto' or one of {sorted([*ALGORITHMS, 'hierarchical'])}"
+            )
         buffers = _local_buffers(arrays)
         buf = buffers[0]
         if compression is not None and buf.dtype != np.float32:
@@ -165,11 +174,14 @@ class Collectives:
         if len(buffers) > 1:
             kernels.sum_into(buf, buffers)
         n = self.group.world_size
-        chosen = choose_algorithm(buf.nbytes, n) if algorithm == "auto" else algorithm
+        host_ids = self.host_ids
+        chosen = choose_algorithm(buf.nbytes, n, host_ids) if algorithm == "auto" else algorithm
         if buf.size == 0:
             # An empty buffer sends no chunk under the chunked algorithms, so a rank whose
             # size differs from everyone else's would go unnoticed: exchange one empty frame.
             chosen = "direct"
+        if chosen == "hierarchical" and (host_ids is None or len(host_ids) != n):
+            raise ValueError("the hierarchical allreduce needs every rank's host identity")
         if compression is not None and chosen in ("driver", "tree"):
             raise ValueError(f"the {chosen} baseline sends full precision; use no compression")
         dtype = _DTYPE_NAMES.get(buf.dtype.char) or str(buf.dtype)
@@ -183,6 +195,9 @@ class Collectives:
                 await allreduce_direct(ctx)
             elif on_slice is not None:
                 await ctx.finish_slice(0, buf.size)
+        elif chosen == "hierarchical":
+            assert host_ids is not None
+            await operation.run(lambda: allreduce_hierarchical(ctx, host_ids))
         else:
             await operation.run(lambda: ALGORITHMS[chosen](ctx))
         if local_copies:

@@ -16,7 +16,7 @@ from p2pdl.collectives.plan import binomial_children, binomial_parent, chunk_ran
 ROOT = 0
 
 
-async def _send_down(
+async def send_down(
     ctx: ReduceContext,
     children: tuple[int, ...],
     chunks,
@@ -34,7 +34,7 @@ async def _send_down(
     await gather_all(*(send_to(child) for child in children))
 
 
-async def _reduce_up(
+async def reduce_up(
     ctx: ReduceContext, children: tuple[int, ...], parent: int | None, chunks
 ) -> None:
     """Sum this rank's buffer with its children's (rank order), passing chunks up early."""
@@ -68,10 +68,10 @@ async def allreduce_driver(ctx: ReduceContext) -> None:
     down = len(chunks)
     if rank == ROOT:
         children = tuple(range(1, n))
-        await _reduce_up(ctx, children, None, chunks)
+        await reduce_up(ctx, children, None, chunks)
         if ctx.on_slice is not None:
             await ctx.finish_slice(0, ctx.buf.size)
-        await _send_down(ctx, children, chunks, down, None)
+        await send_down(ctx, children, chunks, down, None)
     else:
         arrivals = [
             ctx.op.recv(ROOT, down + c, as_bytes(ctx.buf[a:b])) for c, (a, b) in enumerate(chunks)
@@ -92,11 +92,11 @@ async def allreduce_tree(ctx: ReduceContext) -> None:
     children = binomial_children(rank, n, ROOT)
     parent = binomial_parent(rank, n, ROOT)
     down = len(chunks)
-    await _reduce_up(ctx, children, parent, chunks)
+    await reduce_up(ctx, children, parent, chunks)
     if parent is None:
         if ctx.on_slice is not None:
             await ctx.finish_slice(0, ctx.buf.size)
-        await _send_down(ctx, children, chunks, down, None)
+        await send_down(ctx, children, chunks, down, None)
         return
     loop = asyncio.get_running_loop()
     ready = [loop.create_future() for _ in chunks]
@@ -109,4 +109,4 @@ async def allreduce_tree(ctx: ReduceContext) -> None:
                 ready[c].set_result(None) if not f.cancelled() and f.exception() is None else None
             )
         )
-    await gather_all(*arrivals, _send_down(ctx, children, chunks, down, ready))
+    await gather_all(*arrivals, send_down(ctx, children, chunks, down, ready))

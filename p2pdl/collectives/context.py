@@ -34,6 +34,8 @@ class ReduceContext:
     mean: bool
     compression: str | None
     on_slice: OnSlice | None
+    scale: float | None = None
+    """Factor for the final reduction, instead of the mean's 1/world_size (sub-groups)."""
 
     @property
     def rank(self) -> int:
@@ -60,7 +62,13 @@ class ReduceContext:
         """
         nbytes = dst.nbytes * max(1, len(sources))
         compression = self.compression
-        scale = 1.0 / self.world_size if self.mean and final else None
+        scale = None
+        if final:
+            scale = (
+                self.scale
+                if self.scale is not None
+                else (1.0 / self.world_size if self.mean else None)
+            )
         parallel = self._parallel(dst.size)
 
         def work() -> None:

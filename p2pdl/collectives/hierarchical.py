@@ -1,0 +1,103 @@
+"""Host-aware AllReduce: phase 1 across the processes of one host, phase 2 across hosts.
+
+Ranks that share a host (the same `host_id`) first sum into their host's lowest rank over
+the host's own loopback; those host leaders run BigDL's sliced AllReduce among themselves, so
+only one copy of the buffer crosses each host's network link per direction; then every
+leader hands the result back to its host's ranks. It is one operation: the three phases use
+disjoint frame numbers of its tags, through `SubOperation` views over subsets of ranks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from p2pdl.collectives.baselines import reduce_up, send_down
+from p2pdl.collectives.context import ReduceContext, as_bytes, gather_all
+from p2pdl.collectives.op import Operation
+from p2pdl.collectives.plan import chunk_ranges, plan_slices
+from p2pdl.collectives.sliced import reduce_scatter
+
+PHASE_STRIDE = 1 << 22
+"""Frame numbers of phase k start at k · PHASE_STRIDE (the op's tag space holds 2**24)."""
+
+
+def host_groups(host_ids: Sequence[str]) -> list[list[int]]:
+    """Ranks grouped by host, each group in rank order, groups ordered by their lowest rank."""
+    groups: dict[str, list[int]] = {}
+    for rank, host in enumerate(host_ids):
+        groups.setdefault(host, []).append(rank)
+    return sorted(groups.values(), key=lambda ranks: ranks[0])
+
+
+def worth_it(host_ids: Sequence[str] | None) -> bool:
+    """Hierarchy pays when there are several hosts and at least one runs several ranks."""
+    if not host_ids:
+        return False
+    groups = host_groups(host_ids)
+    return len(groups) > 1 and any(len(g) > 1 for g in groups)
+
+
+class SubOperation:
+    """An `Operation` seen by a subset of its ranks: local indices, shifted frame numbers."""
+
+    def __init__(self, op: Operation, members: Sequence[int], phase: int) -> None:
+        if op.rank not in members:
+            raise ValueError(f"rank {op.rank} is not among {list(members)}")
+        self.op = op
+        self.members = list(members)
+        self.offset = phase * PHASE_STRIDE
+        self.rank = self.members.index(op.rank)
+        self.world_size = len(self.members)
+
+    def recv(self, peer: int, sub: int, view: memoryview | None) -> asyncio.Future[Any]:
+        if sub >= PHASE_STRIDE:
+            raise ValueError(f"frame number {sub} does not fit in one phase")
+        return self.op.recv(self.members[peer], self.offset + sub, view)
+
+    async def send(self, peer: int, sub: int, payload: memoryview | None = None) -> None:
+        if sub >= PHASE_STRIDE:
+            raise ValueError(f"frame number {sub} does not fit in one phase")
+        await self.op.send(self.members[peer], self.offset + sub, payload)
+
+
+async def allreduce_hierarchical(ctx: ReduceContext, host_ids: Sequence[str]) -> None:
+    op = ctx.op
+    groups = host_groups(host_ids)
+    local = next(g for g in groups if op.rank in g)
+    leaders = [g[0] for g in groups]
+    is_leader = op.rank == local[0]
+    chunks = chunk_ranges(0, ctx.buf.size, ctx.chunk_elems)
+    # Sums stay plain until the very end: the mean's 1/N is the whole world's N.
+    plain = dataclasses.replace(ctx, mean=False, on_slice=None, compression=None)
+
+    # Phase 1: the host's ranks sum into its leader (rank order, chunk by chunk).
+    up = dataclasses.replace(plain, op=SubOperation(op, local, 0))  # type: ignore[arg-type]
+    children = tuple(range(1, len(local))) if is_leader else ()
+    parent = None if is_leader else 0
+    await reduce_up(up, children, parent, chunks)
+
+    if is_leader:
+        # Phase 2: the leaders run the sliced AllReduce (owners run on_slice and the mean).
+        across = dataclasses.replace(
+            ctx,
+            op=SubOperation(op, leaders, 1),  # type: ignore[arg-type]
+            mean=False,
+            scale=1.0 / op.world_size if ctx.mean else None,
+        )
+        if len(leaders) > 1:
+            plan = plan_slices(ctx.buf.size, len(leaders), ctx.chunk_elems)
+            await reduce_scatter(across, plan, then_gather=True)
+        else:
+            await across.reduce_chunk(across.buf, [across.buf])
+            await across.finish_slice(0, across.buf.size)
+        # Phase 3: hand the result to the host's other ranks.
+        down = dataclasses.replace(plain, op=SubOperation(op, local, 2))  # type: ignore[arg-type]
+        await send_down(down, children, chunks, 0, None)
+    else:
+        down_op = SubOperation(op, local, 2)
+        await gather_all(
+            *(down_op.recv(0, c, as_bytes(ctx.buf[a:b])) for c, (a, b) in enumerate(chunks))
+        )

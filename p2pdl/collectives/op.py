@@ -70,11 +70,16 @@ class Operation:
         self._waiting: dict[asyncio.Future[Any], int] = {}
         self._error: P2PDLError | None = None
         self._task: asyncio.Task[Any] | None = None
+        self._cancelled = False
         self._reported = False
 
     # ------------------------------------------------------------------------- frames
     def _check(self, peer: int) -> Callable[[dict[str, Any], int], None]:
+        abort_tag = self.base | ABORT_SUB
+
         def check(header: dict[str, Any], _size: int) -> None:
+            if header.get("t") == abort_tag:
+                raise self._abort_error(header)
             theirs = header.get("d")
             if theirs != self.descriptor:
                 raise CollectiveMismatchError(
@@ -108,26 +113,34 @@ class Operation:
 
     # ------------------------------------------------------------------------ running
     async def run(self, body: Callable[[], Awaitable[T]]) -> T:
-        """Run `body` under the deadline; translate loss, mismatch and timeout into errors."""
+        """Run `body` under the deadline; translate loss, mismatch and timeout into errors.
+
+        The body runs in the caller's task (no task per operation); `fail` cancels that task
+        while the operation runs, and `run` turns the cancellation back into the error.
+        """
         group = self.group
-        aborts = []
+        span = self.base + (1 << SUB_BITS)
         for peer in range(self.world_size):
             if peer == self.rank:
                 continue
             try:
-                abort = group.link(peer).post(self.base | ABORT_SUB)
+                link = group.link(peer)
             except P2PDLError as exc:
                 raise PeerLostError([peer], str(exc), operation=self.name) from None
-            abort.add_done_callback(self._on_abort)
-            aborts.append(abort)
-            group.link(peer).guard(self.base, self.base | ABORT_SUB, self._check(peer), self.fail)
+            # Every frame of this operation from `peer` is checked as it arrives, posted
+            # for or not; an abort frame fails the operation with the reason it carries.
+            link.guard(self.base, span, self._check(peer), self.fail)
         unwatch = group.watch(self._on_peer_lost)
-        self._task = asyncio.ensure_future(body())
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
         try:
+            if self._error is not None:  # an abort that arrived before we started
+                raise self._error
             async with asyncio.timeout(self.timeout):
-                return await self._task
+                return await body()
         except asyncio.CancelledError:
-            if self._error is not None:
+            if self._cancelled and task.uncancel() == 0 and self._error is not None:
                 raise self._error from None
             raise
         except TimeoutError:
@@ -139,9 +152,8 @@ class Operation:
             self._error = self._error or exc
             raise self._error from None
         finally:
+            self._task = None
             unwatch()
-            if not self._task.done():
-                self._task.cancel()
             if self._error is not None:
                 self._broadcast_abort(self._error)
             self._retire()
@@ -152,7 +164,8 @@ class Operation:
             if isinstance(error, PeerLostError) and not error.operation:
                 error = PeerLostError(error.ranks, error.detail, operation=self.name)
             self._error = error
-        if self._task is not None and not self._task.done():
+        if self._task is not None and not self._cancelled:
+            self._cancelled = True
             self._task.cancel()
 
     def _on_peer_lost(self, rank: int, error: P2PDLError) -> None:
@@ -163,22 +176,17 @@ class Operation:
         detail = error.detail if isinstance(error, PeerLostError) else str(error)
         self.fail(PeerLostError([rank], detail, operation=self.name))
 
-    def _on_abort(self, future: asyncio.Future[Any]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            return
-        header, _payload = future.result()
+    def _abort_error(self, header: dict[str, Any]) -> P2PDLError:
+        """The error another rank's abort frame reports (it already told everyone)."""
         self._reported = True
-        reason = header.get("reason", "aborted")
+        reason = str(header.get("reason", "aborted"))
         kind = header.get("kind")
-        ranks = header.get("ranks", [])
-        error: P2PDLError
+        ranks = [r for r in header.get("ranks", []) if isinstance(r, int)]
         if kind == "mismatch":
-            error = CollectiveMismatchError(self.name, reason, ranks)
-        elif kind == "lost":
-            error = PeerLostError(ranks, f"reported by another rank: {reason}", operation=self.name)
-        else:
-            error = P2PDLError(f"{self.name}: {reason}")
-        self.fail(error)
+            return CollectiveMismatchError(self.name, reason, ranks)
+        if kind == "lost":
+            return PeerLostError(ranks, f"reported by another rank: {reason}", operation=self.name)
+        return P2PDLError(f"{self.name}: {reason}")
 
     def _broadcast_abort(self, error: P2PDLError) -> None:
         if self._reported:

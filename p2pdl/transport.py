@@ -221,8 +221,9 @@ class Link(asyncio.BufferedProtocol):
             if not posted.future.done():
                 posted.future.set_result((frame.header, posted.view))
             return
+        if not isinstance(buffer, bytearray):
+            return  # its receive was posted, then cancelled: nobody wants this frame now
         # The payload went to an early buffer: no receive was posted when its header came.
-        assert isinstance(buffer, bytearray)
         self._early_bytes -= len(buffer)
         if posted is not None:
             # The receive was posted while this payload was still arriving: copy it over.
@@ -343,10 +344,19 @@ class Link(asyncio.BufferedProtocol):
             self._resume_reading()
 
     def cancel_post(self, tag: int) -> None:
-        """Forget a posted receive (after a failed collective); its frame, if late, is kept."""
+        """Forget a posted receive (after a failed collective); its frame, if late, is kept.
+
+        A payload already arriving into the cancelled buffer is skipped from here on, so the
+        caller's memory is not written after the receive was given up.
+        """
         posted = self._posted.pop(tag, None)
-        if posted is not None and not posted.future.done():
+        if posted is None:
+            return
+        if not posted.future.done():
             posted.future.cancel()
+        arriving = self._reader.receiving_head
+        if arriving is not None and arriving.header.get("t") == tag:
+            self._reader.abandon()
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self._transport is not None:

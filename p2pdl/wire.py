@@ -178,6 +178,24 @@ class FrameReader:
         self._head = None
         self._state = self._DISCARD
 
+    @property
+    def receiving_head(self) -> FrameHead | None:
+        """The header whose payload is being written into its destination, if any."""
+        return self._head if self._state == self._PAYLOAD else None
+
+    def abandon(self) -> None:
+        """Stop writing the current payload into its destination; skip the rest of it.
+
+        For a receive that was cancelled while its payload was arriving: the caller's
+        buffer is not touched again and no Frame comes out for it.
+        """
+        if self._state != self._PAYLOAD or self._dest is None:
+            raise RuntimeError("abandon called with no payload in progress")
+        self._pending = self._dest.nbytes - self._dest_filled
+        self._dest = None
+        self._head = None
+        self._state = self._DISCARD if self._pending else self._PREFIX
+
     def provide(self, destination: memoryview) -> None:
         """Give the pending payload its destination; buffered payload bytes are copied in."""
         head = self._head

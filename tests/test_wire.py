@@ -317,3 +317,41 @@ def test_prefix_layout_is_fixed() -> None:
     # The documented layout: magic "P2" | version u8 | flags u8 | header u32 | payload u64.
     assert PREFIX_SIZE == 16
     assert struct.pack("<2sBBIQ", b"P2", 1, 0, 5, 6) == prefix(header_len=5, payload_len=6)
+
+
+def test_abandoned_payload_is_skipped_and_the_next_frame_parses() -> None:
+    reader = FrameReader()
+    first = encode_frame({"t": 1}, b"A" * 300_000)
+    second = encode_frame({"t": 2}, b"B" * 10)
+    data = first + second
+    cut = len(first) - 100_000
+    target = bytearray(300_000)
+    offset = 0
+
+    def feed(upto: int) -> list:
+        nonlocal offset
+        events = []
+        while offset < upto:
+            view = reader.get_buffer()
+            n = min(view.nbytes, upto - offset, 4096)
+            view[:n] = data[offset : offset + n]
+            offset += n
+            reader.advance(n)
+            while (event := reader.poll()) is not None:
+                if isinstance(event, FrameHead):
+                    if event.header["t"] == 1:
+                        reader.provide(memoryview(target))
+                    else:
+                        reader.provide(memoryview(bytearray(event.payload_len)))
+                else:
+                    events.append(event)
+        return events
+
+    assert feed(cut) == []
+    assert reader.receiving_head is not None
+    written = bytes(target)
+    reader.abandon()
+    events = feed(len(data))
+    assert [e.header["t"] for e in events] == [2]
+    assert bytes(events[0].payload) == b"B" * 10
+    assert bytes(target) == written  # nothing more landed in the abandoned buffer

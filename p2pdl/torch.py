@@ -52,6 +52,8 @@ import numpy as np
 
 from p2pdl import kernels
 from p2pdl.collectives.api import choose_algorithm
+from p2pdl.schedule.task import OptimizerConfig as ShardConfig
+from p2pdl.schedule.task import optimizer_step
 
 __all__ = [
     "DistributedDataParallel",
@@ -353,6 +355,19 @@ class OptimizerConfig:
             amsgrad=self.amsgrad,
         )
 
+    def sharded(self) -> ShardConfig:
+        """The same optimizer for the sharded step (the learning rate travels per step)."""
+        return ShardConfig(
+            kind=self.name,  # type: ignore[arg-type]
+            momentum=self.momentum,
+            dampening=self.dampening,
+            nesterov=self.nesterov,
+            weight_decay=self.weight_decay,
+            betas=self.betas,
+            eps=self.eps,
+            amsgrad=self.amsgrad,
+        )
+
     def state_names(self) -> tuple[str, ...]:
         """The per-element state buffers, named as in torch.optim's state_dict."""
         if self.name == "sgd":
@@ -366,6 +381,7 @@ class _SliceState:
 
     def __init__(self, config: OptimizerConfig, weights: np.ndarray) -> None:
         self.config = config
+        self.shard = config.sharded()
         self.weights = weights
         self.range: tuple[int, int] | None = None
         self.buffers: dict[str, np.ndarray] = {}
@@ -392,36 +408,18 @@ class _SliceState:
     def update(self, start: int, stop: int, grad: np.ndarray, lr: float, steps_done: int) -> None:
         """One optimizer step on weights[start:stop] with the reduced gradient `grad`."""
         self._ensure(start, stop)
-        c = self.config
-        w = self.weights[start:stop]
-        if c.name == "sgd":
-            kernels.sgd_step(
-                w,
-                grad,
-                self.buffers.get("momentum_buffer"),
-                lr=lr,
-                momentum=c.momentum,
-                dampening=c.dampening,
-                weight_decay=c.weight_decay,
-                nesterov=c.nesterov,
-                first_step=steps_done == 0,
-            )
-        else:
-            kernels.adam_step(
-                w,
-                grad,
-                self.buffers["exp_avg"],
-                self.buffers["exp_avg_sq"],
-                step=steps_done + 1,
-                lr=lr,
-                beta1=c.betas[0],
-                beta2=c.betas[1],
-                eps=c.eps,
-                weight_decay=c.weight_decay,
-                decoupled=c.name == "adamw",
-                amsgrad=c.amsgrad,
-                vmax=self.buffers.get("max_exp_avg_sq"),
-            )
+        b = self.buffers
+        optimizer_step(
+            self.shard,
+            self.weights[start:stop],
+            grad,
+            lr=lr,
+            steps_done=steps_done,
+            momentum=b.get("momentum_buffer"),
+            exp_avg=b.get("exp_avg"),
+            exp_avg_sq=b.get("exp_avg_sq"),
+            max_exp_avg_sq=b.get("max_exp_avg_sq"),
+        )
 
 
 # ------------------------------------------------------------------------ sharded optimizer

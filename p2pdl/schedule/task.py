@@ -50,6 +50,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from p2pdl import kernels
 from p2pdl.errors import ConfigError
 from p2pdl.schedule.job import Job
 
@@ -218,6 +219,54 @@ class TaskContext:
         assert self._allocate is not None, "the runtime installs the allocator"
         self._allocate(self, array, config, replicas)
         return self.weights
+
+
+def optimizer_step(
+    config: OptimizerConfig,
+    weights: np.ndarray,
+    grad: np.ndarray,
+    *,
+    lr: float,
+    steps_done: int,
+    momentum: np.ndarray | None = None,
+    exp_avg: np.ndarray | None = None,
+    exp_avg_sq: np.ndarray | None = None,
+    max_exp_avg_sq: np.ndarray | None = None,
+) -> None:
+    """One torch.optim-equivalent step on a weight slice, with the kernels (in place).
+
+    `steps_done` counts the steps this state has taken before (0 on the first one); the state
+    buffers are the slices of the optimizer's per-element state that `config` needs.
+    """
+    if config.kind == "sgd":
+        kernels.sgd_step(
+            weights,
+            grad,
+            momentum,
+            lr=lr,
+            momentum=config.momentum,
+            dampening=config.dampening,
+            weight_decay=config.weight_decay,
+            nesterov=config.nesterov,
+            first_step=steps_done == 0,
+        )
+        return
+    assert exp_avg is not None and exp_avg_sq is not None, "Adam keeps two state buffers"
+    kernels.adam_step(
+        weights,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        step=steps_done + 1,
+        lr=lr,
+        beta1=config.betas[0],
+        beta2=config.betas[1],
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        decoupled=config.kind == "adamw",
+        amsgrad=config.amsgrad,
+        vmax=max_exp_avg_sq,
+    )
 
 
 def resolve_task(reference: str) -> Any:

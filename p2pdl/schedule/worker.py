@@ -46,7 +46,7 @@ from p2pdl.schedule.checkpoint import Snapshot
 from p2pdl.schedule.job import Job
 from p2pdl.schedule.plan import IterationGroup, StepPlan, sample_indices
 from p2pdl.schedule.protocol import Channel
-from p2pdl.schedule.task import OptimizerConfig, TaskContext
+from p2pdl.schedule.task import OptimizerConfig, TaskContext, optimizer_step
 
 log = logging.getLogger("p2pdl.schedule.worker")
 
@@ -144,37 +144,18 @@ class ModelState:
     # ------------------------------------------------------------------- the optimizer
     def apply(self, start: int, stop: int, grad: np.ndarray, lr: float) -> None:
         """Optimizer step on weights[start:stop] with the (already normalised) gradient."""
-        opt = self.opt
-        w = self.weights_ext[start:stop]
         st = {name: array[start:stop] for name, array in self.state.items()}
-        if opt.kind == "sgd":
-            kernels.sgd_step(
-                w,
-                grad,
-                st.get("momentum"),
-                lr=lr,
-                momentum=opt.momentum,
-                dampening=opt.dampening,
-                weight_decay=opt.weight_decay,
-                nesterov=opt.nesterov,
-                first_step=self.opt_steps == 0,
-            )
-        else:
-            kernels.adam_step(
-                w,
-                grad,
-                st["exp_avg"],
-                st["exp_avg_sq"],
-                step=self.opt_steps + 1,
-                lr=lr,
-                beta1=opt.betas[0],
-                beta2=opt.betas[1],
-                eps=opt.eps,
-                weight_decay=opt.weight_decay,
-                decoupled=opt.kind == "adamw",
-                amsgrad=opt.amsgrad,
-                vmax=st.get("max_exp_avg_sq"),
-            )
+        optimizer_step(
+            self.opt,
+            self.weights_ext[start:stop],
+            grad,
+            lr=lr,
+            steps_done=self.opt_steps,
+            momentum=st.get("momentum"),
+            exp_avg=st.get("exp_avg"),
+            exp_avg_sq=st.get("exp_avg_sq"),
+            max_exp_avg_sq=st.get("max_exp_avg_sq"),
+        )
 
     # -------------------------------------------------------------------- snapshots
     def snapshot(self) -> Snapshot:

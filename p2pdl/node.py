@@ -219,6 +219,7 @@ class Node:
         *,
         compression: str | None = None,
         on_slice: OnSlice | None = None,
+        on_chunk: OnSlice | None = None,
         timeout: float | None = None,
         deterministic: bool = True,
     ) -> Any:
@@ -234,6 +235,7 @@ class Node:
             algorithm=algorithm,
             compression=compression,
             on_slice=on_slice,
+            on_chunk=on_chunk,
             timeout=timeout,
         )
         return array

@@ -52,6 +52,7 @@ import numpy as np
 
 from p2pdl import kernels
 from p2pdl.collectives.api import choose_algorithm
+from p2pdl.collectives.plan import plan_slices
 from p2pdl.schedule.task import OptimizerConfig as ShardConfig
 from p2pdl.schedule.task import optimizer_step
 
@@ -388,7 +389,8 @@ class _SliceState:
         self.loaded: dict[str, np.ndarray] | None = None
         """Full-length state from a checkpoint, cut to the owned slice on first use."""
 
-    def _ensure(self, start: int, stop: int) -> None:
+    def own(self, start: int, stop: int) -> None:
+        """This rank owns weights[start:stop]: keep optimizer state for exactly that range."""
         if self.range == (start, stop):
             return
         if self.range is not None:
@@ -406,19 +408,24 @@ class _SliceState:
         self.loaded = None
 
     def update(self, start: int, stop: int, grad: np.ndarray, lr: float, steps_done: int) -> None:
-        """One optimizer step on weights[start:stop] with the reduced gradient `grad`."""
-        self._ensure(start, stop)
-        b = self.buffers
+        """One optimizer step on weights[start:stop] (the owned range or a piece of it)."""
+        if self.range is None:
+            self.own(start, stop)
+        assert self.range is not None
+        lo, hi = self.range
+        if not lo <= start <= stop <= hi:
+            raise RuntimeError(f"update of {(start, stop)} outside the owned slice {self.range}")
+        piece = {name: buf[start - lo : stop - lo] for name, buf in self.buffers.items()}
         optimizer_step(
             self.shard,
             self.weights[start:stop],
             grad,
             lr=lr,
             steps_done=steps_done,
-            momentum=b.get("momentum_buffer"),
-            exp_avg=b.get("exp_avg"),
-            exp_avg_sq=b.get("exp_avg_sq"),
-            max_exp_avg_sq=b.get("max_exp_avg_sq"),
+            momentum=piece.get("momentum_buffer"),
+            exp_avg=piece.get("exp_avg"),
+            exp_avg_sq=piece.get("exp_avg_sq"),
+            max_exp_avg_sq=piece.get("max_exp_avg_sq"),
         )
 
 
@@ -506,13 +513,17 @@ class ShardedOptimizer:
                 state.update(start, stop, reduced, lr, steps_done)
                 np.copyto(reduced, weights[start:stop])
 
-            await coll.allreduce(
-                grads,
-                op=self.op,
-                algorithm=self.algorithm,
-                on_slice=on_slice,
-                local_copies=False,
-            )
+            algorithm = self._resolved_algorithm()
+            if algorithm == "sliced":
+                # The update is elementwise: run it on each reduced chunk, so the all-gather
+                # of the new weights starts before the whole slice is reduced.
+                if state.range is None:
+                    plan = plan_slices(flat.numel, self.runner.world_size, max(1, flat.numel))
+                    state.own(*plan.owned(self.runner.rank))
+                hook = {"on_chunk": on_slice}
+            else:
+                hook = {"on_slice": on_slice}
+            await coll.allreduce(grads, op=self.op, algorithm=algorithm, local_copies=False, **hook)
             np.copyto(weights, flat.grads_np)
         else:
 

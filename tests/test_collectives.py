@@ -724,3 +724,61 @@ def test_timeout_names_the_missing_rank() -> None:
                 assert 2 in result.missing
 
     run(body())
+
+
+@pytest.mark.parametrize("algorithm", ["sliced", "ring", "direct", "tree"])
+def test_on_chunk_covers_each_owned_slice_once_and_its_writes_reach_everyone(
+    algorithm: str,
+) -> None:
+    """`on_chunk` (an elementwise owner hook) may run piece by piece: the pieces of all
+    owners tile the buffer exactly once, each sees fully reduced values, and what it writes
+    is what every rank ends with."""
+    n, size = 3, 1_000_003
+    calls: list[tuple[int, int, int]] = []
+
+    async def body() -> list[np.ndarray]:
+        async with make_cluster(n, chunk_bytes=256 * 1024) as nodes:
+
+            def hook(rank: int) -> Any:
+                def on_chunk(start: int, stop: int, reduced: np.ndarray) -> None:
+                    calls.append((rank, start, stop))
+                    assert reduced.shape == (stop - start,)
+                    assert np.all(reduced == n)
+                    reduced[:] = np.arange(start, stop) % 1000
+
+                return on_chunk
+
+            arrays = [np.ones(size, np.float32) for _ in nodes]
+            await asyncio.gather(
+                *(
+                    node.allreduce(a, algorithm=algorithm, on_chunk=hook(node.rank))
+                    for node, a in zip(nodes, arrays, strict=True)
+                )
+            )
+            return arrays
+
+    arrays = run(body())
+    # `direct` reduces the whole buffer on every rank, so every rank runs the hook on all of
+    # it (a replicated update); the others give each element one owner.
+    tilings = (
+        [[c for c in calls if c[0] == r] for r in range(n)] if algorithm == "direct" else [calls]
+    )
+    for tiling in tilings:
+        pieces = sorted((start, stop) for _, start, stop in tiling)
+        assert pieces[0][0] == 0 and pieces[-1][1] == size
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
+    if algorithm == "sliced":
+        assert len(calls) > n  # really piece by piece (several chunks per slice)
+    expected = (np.arange(size) % 1000).astype(np.float32)
+    assert all(np.array_equal(a, expected) for a in arrays)
+
+
+def test_on_slice_and_on_chunk_together_are_refused() -> None:
+    async def body() -> None:
+        async with make_cluster(1) as (node,):
+            with pytest.raises(ValueError, match="not both"):
+                await node.allreduce(
+                    np.ones(4, np.float32), on_slice=lambda *a: None, on_chunk=lambda *a: None
+                )
+
+    run(body())

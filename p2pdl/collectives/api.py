@@ -129,6 +129,7 @@ class Collectives:
         mean: bool,
         compression: str | None,
         on_slice: OnSlice | None,
+        chunkwise: bool = False,
     ) -> ReduceContext:
         wire_itemsize = 2 if compression else buf.itemsize
         return ReduceContext(
@@ -140,6 +141,7 @@ class Collectives:
             mean=mean,
             compression=compression,
             on_slice=on_slice,
+            chunkwise=chunkwise,
         )
 
     async def allreduce(
@@ -150,6 +152,7 @@ class Collectives:
         algorithm: str = "auto",
         compression: str | None = None,
         on_slice: OnSlice | None = None,
+        on_chunk: OnSlice | None = None,
         timeout: float | None = None,
         local_copies: bool = True,
     ) -> None:
@@ -158,7 +161,16 @@ class Collectives:
         `arrays` is one buffer or the K local buffers of this node (model replicas): phase 1
         sums those into the first one before anything touches the network; with
         `local_copies` the result is copied back into the others.
+
+        `on_slice(start, stop, reduced)` runs on each slice's owner before the slice is
+        shared. `on_chunk` is the same for elementwise updates (an optimizer step): it may be
+        called for consecutive pieces of the owned slice, each as soon as it is reduced, so
+        the all-gather of early pieces overlaps the reduction of later ones. Give one of them.
         """
+        if on_chunk is not None:
+            if on_slice is not None:
+                raise ValueError("give on_slice or on_chunk, not both")
+            on_slice = on_chunk
         if op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
         if compression not in COMPRESSIONS:
@@ -188,7 +200,12 @@ class Collectives:
         descriptor = f"allreduce({chosen}, {op}, {dtype}[{buf.size}], {compression})"
         operation = Operation(self.group, "allreduce", descriptor, timeout or self.timeout)
         ctx = self._context(
-            operation, buf, mean=op == "mean", compression=compression, on_slice=on_slice
+            operation,
+            buf,
+            mean=op == "mean",
+            compression=compression,
+            on_slice=on_slice,
+            chunkwise=on_chunk is not None,
         )
         if n == 1:
             if op == "mean" or compression:

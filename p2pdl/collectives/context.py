@@ -36,6 +36,9 @@ class ReduceContext:
     on_slice: OnSlice | None
     scale: float | None = None
     """Factor for the final reduction, instead of the mean's 1/world_size (sub-groups)."""
+    chunkwise: bool = False
+    """`on_slice` is elementwise: `sliced` may call it per reduced chunk of the owned slice,
+    so sharing a chunk does not wait for the whole slice (the all-gather overlaps)."""
 
     @property
     def rank(self) -> int:

@@ -121,8 +121,12 @@ async def reduce_scatter(ctx: ReduceContext, plan: SlicePlan, *, then_gather: bo
                 for p in range(ctx.world_size)
             ]
             await ctx.reduce_chunk(dst, sources)
-            if then_gather and ctx.on_slice is None:
+            if ctx.chunkwise:
+                await ctx.finish_slice(a, b)  # an elementwise hook: run it piece by piece
+            if then_gather and (ctx.on_slice is None or ctx.chunkwise):
                 publish(c)
+        if ctx.chunkwise:
+            return
         if then_gather and ctx.on_slice is not None:
             await ctx.finish_slice(own_start, own_stop)
             for c in range(len(own_chunks)):

@@ -38,7 +38,7 @@ class TestTask:
         "dataset_size": 512,
         "global_batch": 16,
         "epochs": int(os.environ.get("SCHED_TEST_EPOCHS", "3")),
-        "lr": 0.05,
+        "lr": float(os.environ.get("SCHED_TEST_LR", "0.05")),
         "min_nodes": 2,
         "group_size": 4,
         "seed": 7,

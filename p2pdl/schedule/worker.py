@@ -7,9 +7,10 @@ two-phase AllReduce with the sharded optimizer as `on_slice`:
 * small models (`choose_algorithm` picks the one-hop `direct` exchange): every rank owns the
   whole buffer, `on_slice(0, n)` updates the weight buffer in place from the reduced
   gradient — no all-gather and no copy at all;
-* otherwise `reduce_scatter(grad, on_slice)` — the owner of each slice updates **its slice of
-  the weight buffer** in place — followed by `allgather(weights)`, which lands every owner's
-  updated slice straight into every node's weight buffer (no copy from a gradient buffer).
+* otherwise one `sliced` allreduce with an `on_chunk` hook: the owner of each slice updates
+  **its slice of the weight buffer** chunk by chunk as the chunks are reduced and puts the new
+  weights in the chunk's place, so the all-gather of early chunks overlaps the reduction of
+  later ones; the gathered buffer (the new weights) is copied into the weight buffer.
 
 The optimizer state is kept full-size on every node; each owner updates the part it owns.
 At a group boundary, when slices were owned by different ranks, the state is all-gathered so
@@ -574,10 +575,20 @@ class Worker:
                 local_copies=False,
             )
             return
-        if len(grads) > 1:
-            kernels.sum_into(grads[0], grads)
-        await coll.reduce_scatter(grads[0], on_slice=self._on_slice)
-        await coll.allgather(model.weights_ext)
+        # One sliced allreduce: each owner updates every reduced chunk of its slice and puts
+        # the new weights in its place, so sharing starts chunk by chunk and what every rank
+        # gathers is the new weights.
+        await coll.allreduce(
+            grads if len(grads) > 1 else grads[0],
+            algorithm="sliced",
+            on_chunk=self._on_chunk,
+            local_copies=False,
+        )
+        np.copyto(model.weights_ext, grads[0])
+
+    def _on_chunk(self, start: int, stop: int, reduced: np.ndarray) -> None:
+        self._on_slice(start, stop, reduced)
+        reduced[:] = self.model.weights_ext[start:stop]
 
     def _on_slice(self, start: int, stop: int, reduced: np.ndarray) -> None:
         """The owner's optimizer step: new weights land in the weight buffer's slice."""

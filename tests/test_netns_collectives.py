@@ -20,6 +20,7 @@ from p2pdl.testing import netns
 from p2pdl.testing.cluster import pid_alive
 from p2pdl.testing.netns import LinkSpec
 from p2pdl.testing.netns_cluster import NetnsNodeCluster, layout_ranks
+from p2pdl.testing.plugin import managed_clusters
 
 _OK, _REASON = netns.available(rate=True)
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(not _OK, reason=_REASON or "")]
@@ -43,25 +44,10 @@ def netns_cluster(request: pytest.FixtureRequest) -> Iterator[Callable[..., Netn
     At teardown every cluster is closed (its logs are printed when the test failed), and the
     test fails if a node process or one of the run's namespaces is left behind.
     """
-    clusters: list[NetnsNodeCluster] = []
-
-    def make(layout: int | list[int], **kwargs: Any) -> NetnsNodeCluster:
-        kwargs.setdefault("cwd", str(request.config.rootpath))
-        kwargs.setdefault("link", LINK)
-        kwargs.setdefault("op_timeout", OP_TIMEOUT)
-        kwargs.setdefault("timeout", 40.0)
-        cluster = NetnsNodeCluster(layout, **kwargs)
-        clusters.append(cluster)
-        return cluster.start()
-
-    yield make
-    report = getattr(request.node, "p2pdl_report_call", None)
-    for cluster in clusters:
-        cluster.close()
-        if report is not None and report.failed:
-            print(cluster.logs())
-    leftovers = [pid for cluster in clusters for pid in cluster.pids() if pid_alive(pid)]
-    assert not leftovers, f"node processes left behind: {leftovers}"
+    with managed_clusters(
+        request, NetnsNodeCluster, link=LINK, op_timeout=OP_TIMEOUT, timeout=40.0
+    ) as (make, clusters):
+        yield make
     names = {name for cluster in clusters for name in cluster.netns.namespaces}
     assert not names & _netns_names(), f"namespaces left behind: {names & _netns_names()}"
 

@@ -17,6 +17,7 @@ from .compress import (
     decode_fp16,
     encode_bf16,
     encode_fp16,
+    encode_round_bf16,
 )
 from .optim import adam_step, sgd_step
 from .slicing import slice_bounds
@@ -31,6 +32,7 @@ __all__ = [
     "decode_fp16",
     "encode_bf16",
     "encode_fp16",
+    "encode_round_bf16",
     "parallel_threshold",
     "precompile",
     "scale_",

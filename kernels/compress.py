@@ -102,6 +102,14 @@ def _decadd_bf16_vec(dst, src):
 
 
 @njit(**INNER_OPTS)
+def _encround_bf16_vec(bits, out):
+    for i in range(out.size):
+        h = _bf16_bits(bits[i])
+        out[i] = h
+        bits[i] = np.uint32(h) << np.uint32(16)  # the decoded value, written back in place
+
+
+@njit(**INNER_OPTS)
 def _enc_fp16_vec(src, out):
     for i in range(out.size):
         out[i] = _fp16_bits(src[i])
@@ -195,12 +203,26 @@ def _decadd_fp16_p(a, b):
         _decadd_fp16_vec(a[lo:hi], b[lo:hi])
 
 
+def _encround_bf16_s(a, b):
+    _encround_bf16_vec(a, b)
+
+
+def _encround_bf16_p(a, b):
+    n = a.size
+    for k in prange((n + BLOCK - 1) // BLOCK):
+        lo = k * BLOCK
+        hi = min(lo + BLOCK, n)
+        _encround_bf16_vec(a[lo:hi], b[lo:hi])
+
+
 _ENC_SIG = {"f": nt.void(array(_U4, True), array(_U2))}  # float32 bits in, 16-bit words out
+_ENCROUND_SIG = {"f": nt.void(array(_U4), array(_U2))}  # float32 bits in and out, words out
 _DEC_SIG = {ch: nt.void(array(_U2, True), array(t)) for ch, t in FLOAT_TYPES.items()}
 _DECADD_SIG = {ch: nt.void(array(t), array(_U2, True)) for ch, t in FLOAT_TYPES.items()}
 
 _ENC_BF16 = kernel(_enc_bf16_s, _enc_bf16_p, _ENC_SIG)
 _DEC_BF16 = kernel(_dec_bf16_s, _dec_bf16_p, _DEC_SIG)
+_ENCROUND_BF16 = kernel(_encround_bf16_s, _encround_bf16_p, _ENCROUND_SIG)
 _DECADD_BF16 = kernel(_decadd_bf16_s, _decadd_bf16_p, _DECADD_SIG)
 _ENC_FP16 = kernel(_enc_fp16_s, _enc_fp16_p, _ENC_SIG)
 _DEC_FP16 = kernel(_dec_fp16_s, _dec_fp16_p, _DEC_SIG)
@@ -247,6 +269,19 @@ def encode_bf16(
     ``out`` must not overlap ``src``.
     """
     return _encode(_ENC_BF16, src, out, parallel)
+
+
+def encode_round_bf16(buf: np.ndarray, out: np.ndarray, *, parallel: bool | None = None) -> None:
+    """``out = encode_bf16(buf)`` and ``buf = decode_bf16(out)``, in one pass.
+
+    What a slice owner sends and keeps must be the same bits on every rank: this rounds its
+    float32 buffer to bfloat16 in place while writing the words it sends.
+    """
+    buf = v.flat(buf, "buf", "f", True)
+    out = v.flat(out, "out", "H", True)
+    v.same_size(out, "out", buf, "buf")
+    v.no_overlap(out, "out", buf, "buf")
+    run(_ENCROUND_BF16, "f", buf.size, parallel, buf.view(np.uint32), out)
 
 
 def decode_bf16(src16: np.ndarray, out: np.ndarray, *, parallel: bool | None = None) -> None:

@@ -42,6 +42,12 @@ def decode_bf16(h: np.ndarray, dtype: type = np.float32) -> np.ndarray:
         return (h.astype(np.uint32) << 16).view(np.float32).astype(dtype)
 
 
+def encode_round_bf16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the rounded float32 values, the bfloat16 words) of `x`."""
+    words = encode_bf16(x)
+    return (words.astype(np.uint32) << 16).view(np.float32), words
+
+
 def encode_fp16(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         return x.astype(np.float32).astype(np.float16).view(np.uint16)

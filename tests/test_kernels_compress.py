@@ -57,6 +57,32 @@ def test_encode_bf16_matches_reference(values, parallel):
     assert np.array_equal(out, naive.encode_bf16(values))
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+def test_encode_round_bf16_matches_reference(values, parallel):
+    buf = values.copy()
+    out = np.empty(values.size, np.uint16)
+    K.encode_round_bf16(buf, out, parallel=parallel)
+    rounded, words = naive.encode_round_bf16(values)
+    assert np.array_equal(out, words)
+    assert np.array_equal(buf.view(np.uint32), rounded.view(np.uint32))
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 4097])
+def test_encode_round_bf16_sizes_and_bad_input(n):
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    buf, out = x.copy(), np.empty(n, np.uint16)
+    K.encode_round_bf16(buf, out)
+    assert np.array_equal(out, naive.encode_bf16(x))
+    with pytest.raises(TypeError):
+        K.encode_round_bf16(x.astype(np.float64), out)
+    with pytest.raises(ValueError):
+        K.encode_round_bf16(buf, np.empty(n + 1, np.uint16))
+    readonly = x.copy()
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError):
+        K.encode_round_bf16(readonly, out)
+
+
 def test_encode_semantics_spot_checks():
     x = np.array([1.0, np.inf, -np.inf, np.nan, 65520.0, 65519.0, 2.0**-25, 2.0**-24, 1e-8],
                  np.float32)  # fmt: skip

@@ -115,6 +115,15 @@ class ReduceContext:
         else:
             kernels.encode_fp16(src, out, parallel=parallel)
 
+    def encode_round(self, buf: np.ndarray, out: np.ndarray) -> None:
+        """Encode `buf` into `out` and leave `buf` holding exactly what `out` decodes to, so
+        the rank that sends a value keeps the same bits as the ranks that receive it."""
+        if self.compression == "bf16":
+            kernels.encode_round_bf16(buf, out, parallel=self._parallel(buf.size))
+        else:
+            self.encode(buf, out)
+            self.decode(out, buf)
+
     def decode(self, src16: np.ndarray, out: np.ndarray) -> None:
         parallel = self._parallel(src16.size)
         if self.compression == "bf16":

@@ -115,8 +115,7 @@ async def allreduce_ring(ctx: ReduceContext) -> None:
             staging = np.empty(max_slice, dtype=np.uint16)
             start = plan.slices[owned][0]
             for a, b in plan.chunks[owned]:
-                ctx.encode(buf[a:b], staging[a - start : b - start])
-                ctx.decode(staging[a - start : b - start], buf[a:b])
+                ctx.encode_round(buf[a:b], staging[a - start : b - start])
         for c in ag_ready[owned]:
             c.set_result(None)
         for step, (_send, recv) in enumerate(ag_order):

@@ -97,8 +97,7 @@ async def reduce_scatter(ctx: ReduceContext, plan: SlicePlan, *, then_gather: bo
         a, b = own_chunks[c]
         if own16 is not None:
             part = own16[a - own_start : b - own_start]
-            ctx.encode(buf[a:b], part)
-            ctx.decode(part, buf[a:b])  # every rank, the owner too, holds the rounded value
+            ctx.encode_round(buf[a:b], part)  # the owner too keeps the rounded value
             payloads[c] = as_bytes(part)
         else:
             payloads[c] = as_bytes(buf[a:b])

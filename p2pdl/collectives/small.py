@@ -26,8 +26,7 @@ async def allreduce_direct(ctx: ReduceContext) -> None:
         arrivals = [ctx.op.recv(p, 0, as_bytes(incoming[p])) for p in ctx.peers]
         if compressed:
             own16 = np.empty(buf.size, dtype=np.uint16)
-            ctx.encode(buf, own16)
-            ctx.decode(own16, buf)  # our own share is rounded as everyone else sees it
+            ctx.encode_round(buf, own16)  # our own share is rounded as everyone sees it
             payload = as_bytes(own16)
         else:
             payload = as_bytes(buf)

@@ -8,7 +8,6 @@ established links carry on, and so that a leader can take join requests.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -279,11 +278,7 @@ class Mesh:
         return self.links[rank]
 
     async def close(self) -> None:
+        """Close every link politely (`Link.shutdown`), all within the shutdown timeout."""
         links = list(self.links.values())
-        for link in links:
-            link.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait(
-                [asyncio.ensure_future(asyncio.shield(link.closed)) for link in links],
-                timeout=self.timeouts.shutdown,
-            ) if links else None
+        if links:
+            await asyncio.gather(*(link.shutdown(self.timeouts.shutdown) for link in links))

@@ -83,6 +83,7 @@ class Link(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._retired: list[tuple[int, int]] = []
         self._guards: list[tuple[int, int, HeaderCheck, Callable[[P2PDLError], None]]] = []
+        self._discard_buffer: memoryview | None = None
         self.on_lost: Callable[[Link], None] | None = None
         self.on_unsolicited: Callable[[Link, dict[str, Any], bytearray], bool] | None = None
         """Called for a complete frame no receive was posted for; True if it was consumed."""
@@ -97,11 +98,20 @@ class Link(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=0, low=0)
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self.lost is not None:
+            # Closing politely (or already failed): whatever still arrives is read and
+            # dropped, never written into a buffer a caller posted.
+            return self._scratch()
         try:
             return self._reader.get_buffer()
         except Exception as exc:  # never raise here: uvloop would tear the loop's state down
             self._fail(ProtocolError(f"receive state broken: {exc}", rank=self.rank))
-            return memoryview(bytearray(65536))
+            return self._scratch()
+
+    def _scratch(self) -> memoryview:
+        if self._discard_buffer is None:
+            self._discard_buffer = memoryview(bytearray(1 << 16))
+        return self._discard_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.lost is not None:
@@ -415,7 +425,7 @@ class Link(asyncio.BufferedProtocol):
         )
 
     # ------------------------------------------------------------------------- failure
-    def _fail(self, error: P2PDLError) -> None:
+    def _fail(self, error: P2PDLError, *, keep_open: bool = False) -> None:
         if self.lost is not None:
             return
         self.lost = error
@@ -430,14 +440,46 @@ class Link(asyncio.BufferedProtocol):
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        if self._transport is not None:
+        if self._transport is not None and not keep_open:
             self._transport.abort() if isinstance(error, ProtocolError) else self._transport.close()
         if self.on_lost is not None:
             self.on_lost(self)
 
     def close(self) -> None:
-        """Close the connection; pending receives fail with PeerLostError."""
+        """Close the connection now; pending receives fail with PeerLostError."""
         self._fail(PeerLostError([self.rank] if self.rank is not None else [], "closed locally"))
+
+    async def shutdown(self, timeout: float) -> None:
+        """Close politely: frames already queued (error reports above all) reach the peer.
+
+        Pending receives fail at once. Queued frames go out, then FIN; whatever still arrives
+        is read and dropped until the peer closes its side too, or `timeout` passes. Closing a
+        socket with unread data makes the kernel send a reset, and a reset makes the peer's
+        kernel drop what it had not read yet: the abort frame that named the rank that really
+        failed would be lost, and the peer would blame this rank instead.
+        """
+        transport = self._transport
+        if self.lost is None and transport is not None and not transport.is_closing():
+            self._fail(
+                PeerLostError([self.rank] if self.rank is not None else [], "closed locally"),
+                keep_open=True,
+            )
+            if transport.can_write_eof():
+                with contextlib.suppress(OSError, RuntimeError):
+                    transport.write_eof()
+            if self._reading_paused:
+                self._reading_paused = False
+                transport.resume_reading()
+        else:
+            self.close()
+            if transport is None:
+                return
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self.closed)
+        except TimeoutError:
+            if self._transport is not None:
+                self._transport.abort()
 
 
 # --------------------------------------------------------------------------- handshake

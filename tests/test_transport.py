@@ -107,6 +107,37 @@ def test_frames_before_their_buffer_is_posted() -> None:
     run(body())
 
 
+def test_closing_node_delivers_its_queued_frames_despite_unread_data() -> None:
+    """Frames queued before close (an abort report, say) reach the peer; no reset drops them.
+
+    Node 0 holds unread data from node 1 (a large frame it never posts) and has a large frame
+    plus a small one queued for node 1, which reads them only after node 0 began to close. A
+    plain close() would reset the connection (unread data) and the kernel would drop what was
+    still queued; the polite shutdown sends FIN after the queue and drains until node 1 closes.
+    """
+
+    async def body() -> None:
+        async with make_cluster(2) as nodes:
+            to1, at1 = nodes[0].mesh.link(1), nodes[1].mesh.link(0)
+            big = np.arange(4 << 20, dtype=np.float32)  # 16 MiB: more than socket buffers hold
+            unread = asyncio.ensure_future(at1.send({"t": 1}, memoryview(big).cast("B")))
+            queued = asyncio.ensure_future(to1.send({"t": 2}, memoryview(big).cast("B")))
+            to1.send_nowait({"t": 3})
+            closing = asyncio.ensure_future(nodes[0].close())
+            await wait_until(lambda: to1.lost is not None)  # node 0 has begun to close
+            got = np.zeros_like(big)
+            header, _ = await at1.post(2, memoryview(got).cast("B"))
+            assert np.array_equal(got, big)
+            header, view = await at1.post(3)
+            assert header["t"] == 3 and view.nbytes == 0
+            await closing  # returns once node 1 closed its side too (it saw EOF)
+            await wait_until(lambda: at1.lost is not None)
+            assert "closed by peer" in str(at1.lost), at1.lost  # EOF, not "reset by peer"
+            await asyncio.gather(unread, queued, return_exceptions=True)
+
+    run(body())
+
+
 # ---------------------------------------------------------------------------- wrong secret
 def test_wrong_secret_rejected_on_both_sides_when_joining() -> None:
     async def body() -> None:

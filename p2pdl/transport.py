@@ -17,6 +17,7 @@ The transport knows connections, tags and buffers — never what a slice or a st
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hashlib
 import hmac
@@ -58,6 +59,10 @@ class _Posted:
         self.future = future
 
 
+_RETIRED_KEPT = 256
+"""Retired tag ranges a link remembers (late frames of older operations are rare)."""
+
+
 class Link(asyncio.BufferedProtocol):
     """One TCP connection to one peer. Before `authenticated`, frames go to the handshake."""
 
@@ -81,7 +86,10 @@ class Link(asyncio.BufferedProtocol):
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._reading_paused = False
-        self._retired: list[tuple[int, int]] = []
+        self._retired: dict[int, int] = {}
+        """Retired tag ranges, start -> stop, oldest first (at most `_RETIRED_KEPT`)."""
+        self._retired_starts: list[int] = []
+        """The same starts, sorted: one bisect tells whether a tag is retired."""
         self._guards: list[tuple[int, int, HeaderCheck, Callable[[P2PDLError], None]]] = []
         self._discard_buffer: memoryview | None = None
         self.on_lost: Callable[[Link], None] | None = None
@@ -334,16 +342,27 @@ class Link(asyncio.BufferedProtocol):
                 self._resume_reading()
 
     def _is_retired(self, tag: int) -> bool:
-        return any(lo <= tag < hi for lo, hi in self._retired)
+        # Every finished operation retires its range, so this runs for every frame that
+        # arrives before its receive is posted: a bisect, not a scan over 256 ranges.
+        starts = self._retired_starts
+        index = bisect.bisect_right(starts, tag) - 1
+        return index >= 0 and tag < self._retired[starts[index]]
 
     def retire(self, lo: int, hi: int) -> None:
         """Drop frames with tags in [lo, hi) from now on: they belong to an abandoned operation.
 
+        Ranges must not overlap (each is one operation's tags); the newest 256 are kept.
+
         Posted receives in the range are cancelled and early frames freed; a large frame that
         was waiting for its buffer is skipped so the connection flows again.
         """
-        self._retired.append((lo, hi))
-        del self._retired[:-256]
+        if lo not in self._retired:
+            bisect.insort(self._retired_starts, lo)
+        self._retired[lo] = max(hi, self._retired.get(lo, hi))
+        if len(self._retired) > _RETIRED_KEPT:
+            oldest = next(iter(self._retired))
+            del self._retired[oldest]
+            self._retired_starts.remove(oldest)
         self._guards = [g for g in self._guards if not (lo <= g[0] and g[1] <= hi)]
         for tag in [t for t in self._posted if lo <= t < hi]:
             self.cancel_post(tag)

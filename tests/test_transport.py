@@ -21,7 +21,7 @@ from p2pdl.config import Limits
 from p2pdl.errors import AuthenticationError, ProtocolError
 from p2pdl.mesh import dial
 from p2pdl.node import Node
-from p2pdl.transport import Credentials, dial_handshake
+from p2pdl.transport import Credentials, Link, dial_handshake
 from p2pdl.wire import MAGIC, PREFIX, VERSION, encode_frame, encode_head
 
 HANDSHAKE = 0.5
@@ -134,6 +134,25 @@ def test_closing_node_delivers_its_queued_frames_despite_unread_data() -> None:
             await wait_until(lambda: at1.lost is not None)
             assert "closed by peer" in str(at1.lost), at1.lost  # EOF, not "reset by peer"
             await asyncio.gather(unread, queued, return_exceptions=True)
+
+    run(body())
+
+
+def test_retired_ranges_drop_late_frames_and_the_newest_256_are_kept() -> None:
+    async def body() -> None:
+        link = Link(Limits())
+        block = 1 << 24
+        for op in range(300):
+            link.retire(op * block, (op + 1) * block)
+        assert not link._is_retired(43 * block + 5)  # forgotten: only the newest 256 stay
+        assert link._is_retired(44 * block)
+        assert link._is_retired(299 * block + block - 1)
+        assert not link._is_retired(300 * block)
+        assert not link._is_retired(-1)
+        link.retire(1000 * block, 1000 * block + 10)  # a gap between retired ranges
+        assert link._is_retired(1000 * block + 9)
+        assert not link._is_retired(1000 * block + 10)
+        assert not link._is_retired(500 * block)
 
     run(body())
 

@@ -99,42 +99,77 @@ def run_config(
                 proc.wait()
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="p2pdl bench schedule", description=__doc__)
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--group-sizes", default="1,10,100")
     parser.add_argument("--bsp", action="store_true", help="also run the BSP baseline")
     parser.add_argument("--steps", type=int, default=1024, help="iterations per run")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds; each round runs every configuration once, in turn, so a slow spell of "
+        "the machine hits all of them (medians and per-round ratios are reported)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--json", action="store_true", help="print the raw summaries too")
     args = parser.parse_args(argv)
-    sizes = [int(s) for s in args.group_sizes.split(",") if s.strip()]
+    if args.nodes < 2 or args.steps < 1 or args.repeat < 1:
+        parser.error("--nodes must be at least 2, --steps and --repeat at least 1")
+    try:
+        sizes = [int(s) for s in args.group_sizes.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--group-sizes must be comma-separated integers, not {args.group_sizes!r}")
+    if not sizes or min(sizes) < 1:
+        parser.error("--group-sizes needs at least one size, each at least 1")
     configs: list[tuple[str, int | None, bool]] = []
     if args.bsp:
         configs.append(("BSP (1 step, leader round trip per step)", 1, True))
     configs += [(f"G={g}, lookahead 1", g, False) for g in sizes]
-    rows = []
-    for label, size, bsp in configs:
-        summary = run_config(args.nodes, size, bsp, args.steps, args.timeout)
-        if args.json:
-            print(json.dumps(summary), file=sys.stderr)
-        rows.append((label, size, summary))
-    base = next((s["iterations_per_s"] for _, _, s in rows if s["bsp"]), None)
-    print(f"nodes={args.nodes}, {args.steps} iterations, 4 KiB gradient (1024 float32), loopback")
+    runs: list[list[dict[str, Any]]] = [[] for _ in configs]
+    for _ in range(args.repeat):
+        for index, (_label, size, bsp) in enumerate(configs):
+            summary = run_config(args.nodes, size, bsp, args.steps, args.timeout)
+            if args.json:
+                print(json.dumps(summary), file=sys.stderr)
+            runs[index].append(summary)
+    print(
+        f"nodes={args.nodes}, {args.steps} iterations per run, 4 KiB gradient (1024 float32), "
+        f"loopback; {args.repeat} round(s), configurations interleaved; medians, ratios taken "
+        "within each round (min–max in brackets)"
+    )
     print()
     print(
         "| schedule | iterations/s | vs BSP | leader msgs/iteration (per worker) | 2/G | "
         "worker wait on leader (s, mean/rank) | wait share of wall |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for label, size, s in rows:
-        ips = s["iterations_per_s"]
-        ratio = f"{ips / base:.2f}×" if base else "–"
+    for (label, size, _bsp), summaries in zip(configs, runs, strict=True):
+        ips = _median([s["iterations_per_s"] for s in summaries])
+        if args.bsp:
+            ratios = [
+                s["iterations_per_s"] / b["iterations_per_s"]
+                for s, b in zip(summaries, runs[0], strict=True)
+            ]
+            ratio = f"{_median(ratios):.2f}× [{min(ratios):.2f}–{max(ratios):.2f}]"
+        else:
+            ratio = "–"
         two_over_g = f"{2 / size:.3f}" if size else "–"
-        share = s["worker_wait_s"] / s["wall_s"] if s["wall_s"] else 0.0
+        messages = _median([s["leader_messages_per_iteration"] for s in summaries])
+        wait = _median([s["worker_wait_s"] for s in summaries])
+        share = _median(
+            [s["worker_wait_s"] / s["wall_s"] if s["wall_s"] else 0.0 for s in summaries]
+        )
         print(
-            f"| {label} | {ips:.0f} | {ratio} | {s['leader_messages_per_iteration']:.3f} | "
-            f"{two_over_g} | {s['worker_wait_s']:.3f} | {share:.1%} |"
+            f"| {label} | {ips:.0f} | {ratio} | {messages:.3f} | {two_over_g} | {wait:.3f} | "
+            f"{share:.1%} |"
         )
     return 0
 

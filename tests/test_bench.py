@@ -1,0 +1,56 @@
+"""The benchmark commands run end to end at toy sizes and reject bad arguments.
+
+They assert behaviour only (rows present, message counts), never speed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "p2pdl", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def test_schedule_bench_interleaves_rounds_and_counts_leader_messages() -> None:
+    done = _bench(
+        "schedule", "--nodes", "2", "--group-sizes", "4", "--bsp", "--steps", "32", "--repeat", "2"
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| BSP (1 step, leader round trip per step)",
+        "| G=4, lookahead 1",
+    ]
+    assert "2 round(s)" in done.stdout
+    bsp, grouped = (row.split(" | ") for row in rows)
+    assert float(bsp[3]) == pytest.approx(2.0, abs=0.01)  # a plan and a report per step
+    assert float(grouped[3]) <= 2 / 4 + 0.01  # Drizzle: at most two messages per group
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--group-sizes", "x"],
+        ["--group-sizes", "0"],
+        ["--nodes", "1"],
+        ["--repeat", "0"],
+    ],
+)
+def test_schedule_bench_rejects_bad_arguments(args: list[str]) -> None:
+    done = _bench("schedule", *args, timeout=60.0)
+    assert done.returncode == 2
+    assert "error:" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -76,16 +76,20 @@ def test_too_few_survivors_stop_with_a_clear_error(procs: Procs) -> None:
 
 
 def test_node_joins_at_a_boundary(procs: Procs, tmp_path: Path) -> None:
-    """Two nodes train; rank 0 holds step 6 until a third node has set up; it joins at the
-    next boundary, receives weights and optimizer state, and ends bit-identical."""
+    """Two nodes train; rank 0 holds step 6 until the leader has a third node set up and
+    waiting (its `joining` event); it joins at the next boundary, receives weights and
+    optimizer state, and ends bit-identical."""
     gate = tmp_path / "joiner-set-up"
     leader = procs.lead(
         JOB, 2, env={"SCHED_TEST_GATE_FILE": str(gate), "SCHED_TEST_GATE_STEP": "6"}
     )
     w1 = procs.join("w1", leader)
     w1.wait_event("ready")
-    joiner = procs.join("joiner", leader, {"SCHED_TEST_SETUP_MARK": str(gate)})
+    joiner = procs.join("joiner", leader)
     try:
+        joining = leader.wait_event("joining")
+        assert joining["after_step"] <= 6
+        gate.touch()
         assert leader.wait() == 0
         assert w1.wait() == 0
         assert joiner.wait() == 0

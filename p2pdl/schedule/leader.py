@@ -241,6 +241,9 @@ class Leader:
             )
             return
         handle.state = "ready"
+        if not self.starting:
+            log.info("leader: %s is set up and joins at the next boundary", handle.label())
+            self.emit("joining", node=handle.node_id, after_step=self.committed)
 
     def _on_stall(self, handle: NodeHandle, message: dict[str, Any]) -> None:
         if message["epoch"] != self.epoch or handle.rank < 0:

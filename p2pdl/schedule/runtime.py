@@ -245,6 +245,7 @@ async def _setup(task: Any, job: Job, node_id: int) -> tuple[TaskContext, ModelS
         raise ConfigError(f"task setup failed: {exc!r}") from exc
     if ctx.optimizer is None:
         raise ConfigError("task setup() did not call ctx.init_model(weights, optimizer)")
+    await asyncio.to_thread(model.warm_kernels)
     return ctx, model
 
 

@@ -175,7 +175,7 @@ class Node:
         if self.listener is not None:
             await self.listener.close()
         if self.collectives is not None:
-            self.collectives.compute.close()
+            self.collectives.close()
 
     async def __aenter__(self) -> Node:
         return await self.start()

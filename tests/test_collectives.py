@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from p2pdl.errors import CollectiveMismatchError, CollectiveTimeoutError, PeerLostError
 from p2pdl.node import Node
 
-ALGORITHMS = ("direct", "sliced", "ring", "driver", "tree")
+ALGORITHMS = ("direct", "sliced", "ring", "shm", "driver", "tree")
 DTYPES = (np.float32, np.float64)
 PRIMES = (2, 3, 5, 7, 13, 31, 101, 1009, 65537, 262147)
 
@@ -534,6 +534,9 @@ MISMATCHES: dict[str, tuple[Callable[[Node], Any], Callable[[Node], Any]]] = {
     "dtype": (_call(dtype=np.float32), _call(dtype=np.float64)),
     "op": (_call(op="sum"), _call(op="mean")),
     "algorithm": (_call(algorithm="sliced"), _call(algorithm="ring")),
+    "algorithm-shm": (_call(algorithm="shm"), _call(algorithm="sliced")),
+    "size-shm": (_call(300_000, algorithm="shm"), _call(300_001, algorithm="shm")),
+    "size-auto-shm": (_call(300_000), _call(10)),
     "algorithm-direct": (_call(algorithm="direct"), _call(algorithm="tree")),
     "compression": (_call(algorithm="sliced"), _call(algorithm="sliced", compression="bf16")),
     "kind": (_call(), lambda node: node.broadcast(np.ones(1000, np.float32), timeout=SHORT)),
@@ -688,7 +691,7 @@ def test_peer_closed_mid_collective_fails_survivors_with_peer_lost() -> None:
     run(body())
 
 
-@pytest.mark.parametrize("algorithm", ["direct", "sliced", "ring", "tree"])
+@pytest.mark.parametrize("algorithm", ["direct", "sliced", "ring", "tree", "shm"])
 def test_link_closed_mid_collective(algorithm: str) -> None:
     n, size = 3, 2_000_000
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from p2pdl.bench import _procs
 
-KNOWN_ALGORITHMS = ("auto", "direct", "sliced", "ring", "driver", "tree")
+KNOWN_ALGORITHMS = ("auto", "direct", "sliced", "ring", "shm", "driver", "tree")
 KNOWN_COMPRESSIONS = ("none", "bf16", "fp16")
 KNOWN_PEERS = ("gloo", "mpi")
 UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1 << 20, "MB": 1 << 20}
@@ -210,7 +210,6 @@ def _variants(cfg: Config) -> list[tuple[str, str, str]]:
 async def _worker(cfg: Config) -> None:
     import numpy as np
 
-    from p2pdl.collectives.api import choose_algorithm
     from p2pdl.node import Node
 
     rank, world = _procs.worker_rank()
@@ -316,6 +315,7 @@ async def _worker(cfg: Config) -> None:
                 if library != "p2pdl":
                     continue
                 await call(bufs, library, algorithm, compression)
+                chosen = node.collectives.last_algorithm if node.collectives else None
                 crc = zlib.crc32(memoryview(buf).cast("B"))
                 err = float(np.max(np.abs(buf - reference))) if reference is not None else 0.0
                 tol = 0.0
@@ -328,6 +328,7 @@ async def _worker(cfg: Config) -> None:
                 checks.append(
                     {
                         "algorithm": algorithm,
+                        "chosen": chosen,
                         "compression": compression,
                         "identical_across_ranks": same,
                         "max_abs_err_vs_gloo": float(rows[:, 1].max())
@@ -350,7 +351,6 @@ async def _worker(cfg: Config) -> None:
                     {
                         "size": size,
                         "repeats": repeats,
-                        "auto_choice": choose_algorithm(size, world),
                         "variants": [
                             {
                                 "library": lib,
@@ -420,7 +420,9 @@ def summarize(cfg: Config, raw: dict[str, Any]) -> dict[str, Any]:
                 "size": size,
                 "library": var["library"],
                 "algorithm": var["algorithm"],
-                "chosen": entry["auto_choice"] if var["algorithm"] == "auto" else None,
+                "chosen": checks.get((var["algorithm"], var["compression"]), {}).get("chosen")
+                if var["algorithm"] == "auto"
+                else None,
                 "compression": var["compression"],
                 "median_ms": round(med, 4),
                 "min_ms": round(min(var["samples_ms"]), 4),

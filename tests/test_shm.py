@@ -1,0 +1,194 @@
+"""The shared-memory allreduce: when `auto` takes it, its bits, its segments' lifetime."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+import numpy as np
+import pytest
+from helpers import make_cluster, on_all, on_all_settled, run
+
+from p2pdl.collectives import shm
+from p2pdl.collectives.api import SHM_MIN_BYTES, choose_algorithm
+from p2pdl.errors import P2PDLError
+
+pytestmark = pytest.mark.skipif(
+    not os.path.isdir(shm.SHM_DIR), reason=f"no {shm.SHM_DIR} on this system"
+)
+
+
+def own_files() -> list[str]:
+    return [f for f in os.listdir(shm.SHM_DIR) if f.startswith(f"p2pdl-{os.getpid()}-")]
+
+
+def test_auto_policy_takes_shm_on_one_host_from_the_measured_crossover() -> None:
+    assert choose_algorithm(SHM_MIN_BYTES, 2, shared_memory=True) == "shm"
+    assert choose_algorithm(SHM_MIN_BYTES // 2, 2, shared_memory=True) == "direct"
+    assert choose_algorithm(SHM_MIN_BYTES // 3 + 64, 4, shared_memory=True) == "shm"
+    assert choose_algorithm(64 << 20, 4, shared_memory=False) == "sliced"
+    assert choose_algorithm(64 << 20, 1, shared_memory=True) == "direct"
+
+
+def test_shm_matches_sliced_bit_for_bit_and_auto_uses_it() -> None:
+    n, size = 3, 200_003
+
+    async def body() -> None:
+        async with make_cluster(n) as nodes:
+            rng = np.random.default_rng(5)
+            inputs = [rng.standard_normal(size).astype(np.float32) for _ in nodes]
+            results = {}
+            for algorithm in ("sliced", "shm", "auto"):
+                arrays = [x.copy() for x in inputs]
+                await on_all(
+                    nodes,
+                    lambda node, a=arrays, alg=algorithm: node.allreduce(
+                        a[node.rank], algorithm=alg
+                    ),
+                )
+                for a in arrays[1:]:
+                    assert a.tobytes() == arrays[0].tobytes()
+                results[algorithm] = arrays[0]
+            assert [node.collectives.last_algorithm for node in nodes] == ["shm"] * n
+            assert results["shm"].tobytes() == results["sliced"].tobytes()
+            assert results["auto"].tobytes() == results["sliced"].tobytes()
+            small = [np.ones(10, np.float32) for _ in nodes]
+            await on_all(nodes, lambda node: node.allreduce(small[node.rank]))
+            assert [node.collectives.last_algorithm for node in nodes] == ["direct"] * n
+
+    run(body())
+
+
+def test_segments_grow_shrink_and_alternate_halves_between_other_collectives() -> None:
+    """Sizes go up and down (segments grow; halves alternate) with broadcasts and sliced
+    calls in between; every result is exact (small integers), and no file stays behind."""
+    n = 3
+    sizes = [70_000, 1_000_003, 5, 2_500_000, 300_000, 2_500_000, 1]
+
+    async def body() -> None:
+        async with make_cluster(n) as nodes:
+            for step, size in enumerate(sizes):
+                arrays = [np.full(size, float(node.rank + step), np.float64) for node in nodes]
+                await on_all(
+                    nodes, lambda node, a=arrays: node.allreduce(a[node.rank], algorithm="shm")
+                )
+                expected = sum(r + step for r in range(n))
+                assert all(np.all(a == expected) for a in arrays), (step, size)
+                other = [np.full(1000, float(node.rank), np.float32) for node in nodes]
+                await on_all(nodes, lambda node, o=other: node.broadcast(o[node.rank], root=1))
+                assert all(np.all(a == 1.0) for a in other)
+            mean = [np.full(400_000, float(node.rank), np.float32) for node in nodes]
+            await on_all(nodes, lambda node: node.allreduce(mean[node.rank], op="mean"))
+            assert all(np.all(a == 1.0) for a in mean)
+            assert own_files() == []  # unlinked once every peer mapped them
+        assert own_files() == []
+
+    run(body())
+
+
+def test_on_slice_runs_on_each_owner_and_its_writes_reach_everyone() -> None:
+    n, size = 4, 100_001
+
+    async def body() -> None:
+        async with make_cluster(n) as nodes:
+            seen: dict[int, tuple[int, int]] = {}
+
+            def hook(rank: int):
+                def on_slice(start: int, stop: int, reduced: np.ndarray) -> None:
+                    seen[rank] = (start, stop)
+                    assert np.all(reduced == n)
+                    reduced[:] = -rank
+
+                return on_slice
+
+            arrays = [np.ones(size, np.float32) for _ in nodes]
+            await on_all(
+                nodes,
+                lambda node: node.allreduce(
+                    arrays[node.rank], algorithm="shm", on_slice=hook(node.rank)
+                ),
+            )
+            spans = sorted(seen.values())
+            assert spans[0][0] == 0 and spans[-1][1] == size
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+            for a in arrays[1:]:
+                assert a.tobytes() == arrays[0].tobytes()
+            for rank, (start, stop) in seen.items():
+                assert np.all(arrays[0][start:stop] == -rank)
+
+    run(body())
+
+
+def test_a_rank_that_cannot_map_makes_everyone_fall_back() -> None:
+    """Ranks that share an address but not /dev/shm (containers): `auto` agrees on sliced
+    everywhere, an explicit `shm` fails everywhere with a clear error."""
+    n, size = 3, 300_000
+
+    async def body() -> None:
+        async with make_cluster(n) as nodes:
+
+            def cannot_map(rank: int, name: str) -> shm.Segment:
+                raise FileNotFoundError(name)
+
+            nodes[2].collectives.shm.peer_segment = cannot_map  # type: ignore[method-assign]
+            arrays = [np.full(size, 1.0, np.float32) for _ in nodes]
+            await on_all(nodes, lambda node: node.allreduce(arrays[node.rank]))
+            assert all(np.all(a == n) for a in arrays)
+            assert [node.collectives.last_algorithm for node in nodes] == ["sliced"] * n
+            results = await on_all_settled(
+                nodes, lambda node: node.allreduce(arrays[node.rank], algorithm="shm")
+            )
+            for result in results:
+                assert isinstance(result, P2PDLError), result
+                assert "shared memory is not usable" in str(result)
+
+    run(body())
+
+
+def test_bad_shm_requests_are_refused_before_anything_is_sent() -> None:
+    async def body() -> None:
+        async with make_cluster(2) as nodes:
+            node = nodes[0]
+            with pytest.raises(ValueError, match="nothing to compress"):
+                await node.allreduce(np.ones(10, np.float32), algorithm="shm", compression="bf16")
+            node.collectives.host_ids = ["198.18.0.1", "198.18.0.2"]
+            with pytest.raises(ValueError, match="every rank on this host"):
+                await node.allreduce(np.ones(10, np.float32), algorithm="shm")
+            node.collectives.host_ids = ["127.0.0.1", "127.0.0.1"]
+            arrays = [np.ones(10, np.float32), np.ones(10, np.float32)]
+            await on_all(nodes, lambda n: n.allreduce(arrays[n.rank], algorithm="shm"))
+            assert all(np.all(a == 2) for a in arrays)
+
+    run(body())
+
+
+def test_peer_names_outside_the_segment_pattern_are_refused() -> None:
+    arena = shm.ShmArena()
+    with pytest.raises(ValueError, match="named a shared segment"):
+        arena.peer_segment(1, "../../etc/passwd")
+
+
+def test_stale_segments_of_dead_processes_are_swept() -> None:
+    dead = 2**22 + 12345  # above the default pid_max of most systems: never alive
+    while shm._alive(dead):
+        dead += 1
+    stale = os.path.join(shm.SHM_DIR, f"p2pdl-{dead}-{'ab' * 8}")
+    fresh = os.path.join(shm.SHM_DIR, f"p2pdl-{dead}-{'cd' * 8}")
+    mine = os.path.join(shm.SHM_DIR, f"p2pdl-{os.getpid()}-{'ef' * 8}")
+    try:
+        for path in (stale, fresh, mine):
+            with open(path, "wb"):
+                pass
+        old = time.time() - 2 * shm.STALE_AFTER
+        os.utime(stale, (old, old))
+        os.utime(mine, (old, old))
+        removed = shm.sweep_stale()
+        assert os.path.basename(stale) in removed
+        assert not os.path.exists(stale)
+        assert os.path.exists(fresh)  # maybe still being mapped: too young to judge
+        assert os.path.exists(mine)  # a live process's file
+    finally:
+        for path in (stale, fresh, mine):
+            if os.path.exists(path):
+                os.unlink(path)

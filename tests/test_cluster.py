@@ -46,6 +46,29 @@ def test_sigkill_fails_barrier_with_peer_lost(local_cluster, victim: int) -> Non
         assert result["seconds"] < op_timeout
 
 
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this system")
+def test_sigkill_between_shm_allreduces_names_the_victim_and_leaves_no_segment(
+    local_cluster,
+) -> None:
+    op_timeout = 10.0
+    cluster = local_cluster(
+        3, run="tests.workers:shm_until_lost", run_args={"victim": 1}, op_timeout=op_timeout
+    )
+    pids = cluster.pids()
+    codes = cluster.wait()
+    assert codes[1] == -signal.SIGKILL
+    for node in cluster.nodes:
+        if node.rank == 1:
+            continue
+        result = [e for e in node.events if e["event"] == "result"][-1]["value"]
+        assert result["first"] == 0.0 + 1.0 + 2.0
+        assert result["error"] == "PeerLostError", result
+        assert result["ranks"] == [1]
+        assert result["seconds"] < op_timeout
+    left = [f for f in os.listdir("/dev/shm") if any(f.startswith(f"p2pdl-{p}-") for p in pids)]
+    assert left == []
+
+
 def test_fixture_leaves_no_process(local_cluster) -> None:
     cluster = local_cluster(2, run="tests.workers:exit_with", run_args={"rank": -1})
     pids = cluster.pids()

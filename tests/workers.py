@@ -39,6 +39,29 @@ async def barrier_until_lost(node: Node, victim: int) -> dict[str, object]:
     return {"error": None}
 
 
+async def shm_until_lost(node: Node, victim: int, size: int = 1 << 20) -> dict[str, object]:
+    """One shared-memory allreduce, then the victim kills itself; the others report the
+    error of their next one (and what the first one summed)."""
+    data = np.full(size, float(node.rank), np.float32)
+    await node.allreduce(data, algorithm="shm")
+    first = float(data[0])
+    if node.rank == victim:
+        os.kill(os.getpid(), signal.SIGKILL)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        await node.allreduce(np.ones(2 * size, np.float32), algorithm="shm")
+    except P2PDLError as exc:
+        return {
+            "first": first,
+            "error": type(exc).__name__,
+            "message": str(exc),
+            "ranks": list(getattr(exc, "ranks", [])),
+            "seconds": loop.time() - started,
+        }
+    return {"first": first, "error": None}
+
+
 async def exit_with(node: Node, code: int = 0, rank: int = -1) -> None:
     """Exit the process with `code` when this is `rank` (others serve until stopped)."""
     if node.rank == rank:

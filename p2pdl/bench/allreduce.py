@@ -33,6 +33,8 @@ from typing import Any
 from p2pdl.bench import _procs
 
 KNOWN_ALGORITHMS = ("auto", "direct", "sliced", "ring", "shm", "driver", "tree")
+UNCOMPRESSED_ONLY = ("shm", "driver", "tree")
+"""Algorithms that send full precision only (shm sends nothing): no compressed variants."""
 KNOWN_COMPRESSIONS = ("none", "bf16", "fp16")
 KNOWN_PEERS = ("gloo", "mpi")
 UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1 << 20, "MB": 1 << 20}
@@ -199,7 +201,12 @@ def parse_config(args: argparse.Namespace) -> Config:
 # --------------------------------------------------------------------------- worker
 def _variants(cfg: Config) -> list[tuple[str, str, str]]:
     """(library, algorithm, compression) in the order each repeat runs them."""
-    out = [("p2pdl", a, c) for a in cfg.algorithms for c in cfg.compressions]
+    out = [
+        ("p2pdl", a, c)
+        for a in cfg.algorithms
+        for c in cfg.compressions
+        if not (a in UNCOMPRESSED_ONLY and c != "none")
+    ]
     if "gloo" in cfg.compare:
         out.append(("gloo", "-", "none"))
     if "mpi" in cfg.compare and cfg.mpi:

@@ -13,14 +13,20 @@ import numpy as np
 import p2pdl
 
 ALGORITHMS = ("direct", "sliced", "ring", "driver", "tree")
+ONE_HOST_ALGORITHMS = ("shm",)
+"""Only when every rank runs on this host (as under `launch`)."""
 SIZES = (1, 1000, 1 << 20)
 
 
 def main() -> None:
     with p2pdl.connect() as node:
         rank, n = node.rank, node.world_size
+        collectives = node.node.collectives
+        algorithms = ALGORITHMS
+        if collectives is not None and collectives.one_host:
+            algorithms = (*ALGORITHMS, *ONE_HOST_ALGORITHMS)
         checks = 0
-        for algorithm in ALGORITHMS:
+        for algorithm in algorithms:
             for size in SIZES:
                 rng = np.random.default_rng(1000 * size + rank)
                 data = rng.standard_normal(size).astype(np.float32)
@@ -55,7 +61,7 @@ def main() -> None:
         if rank == 0:
             print(
                 f"verified {checks} collectives on {n} nodes: allreduce "
-                f"({', '.join(ALGORITHMS)}; sizes {', '.join(map(str, SIZES))}; "
+                f"({', '.join(algorithms)}; sizes {', '.join(map(str, SIZES))}; "
                 "bit-identical on every rank), bf16/fp16 compression, broadcast from every "
                 f"root; barrier {barrier_ms:.3f} ms"
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
@@ -131,7 +132,10 @@ def test_a_rank_that_cannot_map_makes_everyone_fall_back() -> None:
             def cannot_map(rank: int, name: str) -> shm.Segment:
                 raise FileNotFoundError(name)
 
+            assert all(node.collectives.shm.usable for node in nodes)  # probed at start
             nodes[2].collectives.shm.peer_segment = cannot_map  # type: ignore[method-assign]
+            for node in nodes:
+                node.collectives.shm.usable = None  # probe again, as a new group would
             arrays = [np.full(size, 1.0, np.float32) for _ in nodes]
             await on_all(nodes, lambda node: node.allreduce(arrays[node.rank]))
             assert all(np.all(a == n) for a in arrays)
@@ -192,3 +196,30 @@ def test_stale_segments_of_dead_processes_are_swept() -> None:
         for path in (stale, fresh, mine):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def test_calls_in_flight_together_take_turns() -> None:
+    """DDP launches its buckets without waiting for the previous one: several shm calls (and
+    small direct ones between them) in flight at once on every rank, all exact."""
+    n = 3
+    sizes = [300_000, 90_000, 2_000_000, 10, 700_000]
+
+    async def body() -> None:
+        async with make_cluster(n) as nodes:
+            buffers = {
+                node.rank: [
+                    np.full(size, float(node.rank + i), np.float32) for i, size in enumerate(sizes)
+                ]
+                for node in nodes
+            }
+
+            async def launch_all(node):
+                await asyncio.gather(*(node.allreduce(b) for b in buffers[node.rank]))
+
+            await on_all(nodes, launch_all)
+            for i, _size in enumerate(sizes):
+                expected = sum(r + i for r in range(n))
+                for node in nodes:
+                    assert np.all(buffers[node.rank][i] == expected), (node.rank, i)
+
+    run(body())

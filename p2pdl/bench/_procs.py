@@ -93,6 +93,7 @@ def run_workers(worker_argv: Sequence[str], nodes: int, *, use_mpirun: bool, tim
                     status = code
                     _stop(procs, grace=5.0)
                     procs.clear()
+                    break  # (the others are stopped; iterating on would remove them twice)
             if time.monotonic() > deadline:
                 print(f"benchmark timed out after {timeout:.0f} s", file=sys.stderr)
                 _stop(procs, grace=2.0)

@@ -7,6 +7,7 @@ all-to-all above that. `ring` is kept for link-bound networks, where it is chose
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -157,10 +158,21 @@ class Collectives:
         Every rank must call this at the same point of its collective sequence: the probe
         is a collective (two tiny frames per peer).
         """
-        if self.shm.usable is None:
+        arena = self.shm
+        if arena.usable is not None:
+            return arena.usable
+        if arena.probing is None:
+            # Calls in flight together share one probe; its operation takes its number now,
+            # before any of theirs, on every rank alike.
             operation = Operation(self.group, "shm probe", "shm probe", timeout or self.timeout)
-            self.shm.usable = await operation.run(lambda: probe(operation, self.shm))
-        return self.shm.usable
+            arena.probing = asyncio.ensure_future(operation.run(lambda: probe(operation, arena)))
+        probing = arena.probing
+        try:
+            arena.usable = await asyncio.shield(probing)
+        finally:
+            if probing.done() and arena.probing is probing:
+                arena.probing = None  # settled; a failed probe (a lost peer) runs again
+        return arena.usable
 
     def close(self) -> None:
         """Unmap and unlink shared segments, stop the reduce thread."""

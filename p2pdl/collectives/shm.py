@@ -22,6 +22,7 @@ uses this path only then.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import mmap
 import os
@@ -124,6 +125,10 @@ class ShmArena:
         self.calls = 0
         self.usable: bool | None = None
         """Whether every rank can map every other rank's segment (None: not probed yet)."""
+        self.probing: asyncio.Future[bool] | None = None
+        self.turn = asyncio.Lock()
+        """One call at a time uses the segments, in call order (the halves alternate per
+        call; two calls in flight at once, as DDP's buckets are, would share a half)."""
 
     def own_segment(self, nbytes: int) -> Segment:
         """This rank's segment with at least `nbytes` per half (a new, larger one if needed)."""
@@ -214,6 +219,11 @@ async def probe(op: Operation, arena: ShmArena) -> bool:
 
 async def allreduce_shm(ctx: ReduceContext, arena: ShmArena) -> None:
     """Sum (or average) `ctx.buf` over ranks that share this host's memory."""
+    async with arena.turn:  # FIFO: calls take their turns in call order on every rank
+        await _allreduce_shm(ctx, arena)
+
+
+async def _allreduce_shm(ctx: ReduceContext, arena: ShmArena) -> None:
     op, buf = ctx.op, ctx.buf
     n, rank, peers = ctx.world_size, ctx.rank, ctx.peers
     parity = arena.calls % 2

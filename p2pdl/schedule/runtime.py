@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from p2pdl.collectives.api import Collectives
 from p2pdl.config import Limits, Timeouts, is_loopback
 from p2pdl.errors import ConfigError, P2PDLError
 from p2pdl.mesh import Listener, Mesh, dial
@@ -491,8 +492,13 @@ async def _serve_plain_member(
         asyncio.get_running_loop().add_signal_handler(
             signum, lambda: stop.done() or stop.set_result(None)
         )
+    collectives = Collectives(
+        mesh, timeout=options.timeouts.operation, host_ids=[host for host, _port in peers]
+    )
     try:
         await mesh.connect()
+        if collectives.one_host:  # the leader's Node.start probes shared memory with us
+            await collectives.shm_usable()
         emit(
             "ready", rank=rank, world_size=len(peers), address=f"{peers[rank][0]}:{peers[rank][1]}"
         )
@@ -500,6 +506,7 @@ async def _serve_plain_member(
     finally:
         await mesh.close()
         await listener.close()
+        collectives.close()
     return {"rank": rank, "world_size": len(peers), "job": None}
 
 

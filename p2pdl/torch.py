@@ -486,7 +486,13 @@ class ShardedOptimizer:
             return "sliced"
         if self.algorithm != "auto":
             return self.algorithm
-        return choose_algorithm(self.flat.weights_np.nbytes, self.runner.world_size)
+        coll = self.runner.collectives
+        # Every rank on one host with shared memory agreed at start: the owners update their
+        # slices straight out of the shared segments (`shm`); otherwise the sliced exchange.
+        shared = coll.one_host and bool(coll.shm.usable)
+        return choose_algorithm(
+            self.flat.weights_np.nbytes, self.runner.world_size, shared_memory=shared
+        )
 
     async def broadcast_weights_async(self, root: int = 0) -> None:
         """Make every rank's weights equal to `root`'s."""

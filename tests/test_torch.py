@@ -121,13 +121,17 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("strategy", ["allreduce", "scatter_gather"])
+@pytest.mark.parametrize(
+    ("strategy", "algorithm"),
+    [("allreduce", "auto"), ("allreduce", "shm"), ("scatter_gather", "auto")],
+)
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("n", [1, 3])
 def test_sharded_step_equals_torch_optim_on_summed_gradient(
-    n: int, config: str, strategy: str
+    n: int, config: str, strategy: str, algorithm: str
 ) -> None:
-    """float64, several steps (so momentum / Adam state matters); weights identical on ranks."""
+    """float64, several steps (so momentum / Adam state matters); weights identical on ranks.
+    `shm`: the owners update their slices straight out of the shared segments."""
     spec = CONFIGS[config]
     base = _mlp(dtype=torch.float64)  # 12,967 parameters: the sliced algorithm at n=3
     reference = copy.deepcopy(base)
@@ -137,7 +141,7 @@ def test_sharded_step_equals_torch_optim_on_summed_gradient(
         async with make_cluster(n) as nodes:
             models = [copy.deepcopy(base) for _ in nodes]
             opts = [
-                ShardedOptimizer(spec, m, node, op="sum", strategy=strategy)
+                ShardedOptimizer(spec, m, node, op="sum", strategy=strategy, algorithm=algorithm)
                 for m, node in zip(models, nodes, strict=True)
             ]
             rng = np.random.default_rng(1)

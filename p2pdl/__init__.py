@@ -16,6 +16,7 @@ from p2pdl.errors import (
     P2PDLError,
     PeerLostError,
     ProtocolError,
+    SharedMemoryError,
 )
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "P2PDLError",
     "PeerLostError",
     "ProtocolError",
+    "SharedMemoryError",
     "SyncNode",
     "Timeouts",
     "connect",

@@ -15,6 +15,7 @@ __all__ = [
     "P2PDLError",
     "PeerLostError",
     "ProtocolError",
+    "SharedMemoryError",
 ]
 
 
@@ -82,3 +83,8 @@ class CollectiveMismatchError(P2PDLError, ValueError):
         self.operation = operation
         self.ranks = tuple(sorted(set(ranks)))
         super().__init__(f"{operation}: {detail} (disagreeing: {_ranks_text(self.ranks)})")
+
+
+class SharedMemoryError(P2PDLError):
+    """The shared-memory allreduce between ranks on one host could not get its memory
+    (`/dev/shm` full or too small, as in a container's default 64 MiB)."""

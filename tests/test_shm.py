@@ -13,7 +13,7 @@ from helpers import make_cluster, on_all, on_all_settled, run
 
 from p2pdl.collectives import shm
 from p2pdl.collectives.api import SHM_MIN_BYTES, choose_algorithm
-from p2pdl.errors import P2PDLError
+from p2pdl.errors import P2PDLError, SharedMemoryError
 
 pytestmark = pytest.mark.skipif(
     not os.path.isdir(shm.SHM_DIR), reason=f"no {shm.SHM_DIR} on this system"
@@ -221,5 +221,74 @@ def test_calls_in_flight_together_take_turns() -> None:
                 expected = sum(r + i for r in range(n))
                 for node in nodes:
                     assert np.all(buffers[node.rank][i] == expected), (node.rank, i)
+
+    run(body())
+
+
+def test_a_full_dev_shm_fails_the_call_everywhere_and_auto_redoes_it_over_the_network() -> None:
+    """One rank cannot reserve its segment (a container's small /dev/shm): every rank learns it
+    on that call; `auto` redoes the call over TCP and stays there, `shm` raises."""
+    n, size = 3, 1 << 20
+
+    async def body() -> None:
+        async with make_cluster(n) as nodes:
+
+            def full(nbytes: int) -> shm.Segment:
+                raise SharedMemoryError(f"cannot reserve {2 * nbytes} bytes in /dev/shm: full")
+
+            nodes[1].collectives.shm.own_segment = full  # type: ignore[method-assign]
+            arrays = [np.full(size, float(node.rank), np.float32) for node in nodes]
+            await on_all(nodes, lambda node: node.allreduce(arrays[node.rank]))
+            assert all(np.all(a == 3.0) for a in arrays)
+            assert [node.collectives.last_algorithm for node in nodes] == ["sliced"] * n
+            assert [node.collectives.shm.usable for node in nodes] == [False] * n
+            again = [np.full(size, 1.0, np.float32) for _ in nodes]
+            await on_all(nodes, lambda node: node.allreduce(again[node.rank]))
+            assert all(np.all(a == n) for a in again)
+            results = await on_all_settled(
+                nodes, lambda node: node.allreduce(again[node.rank], algorithm="shm")
+            )
+            assert all(isinstance(r, P2PDLError) for r in results), results
+
+    run(body())
+
+
+def test_an_explicit_shm_call_that_cannot_allocate_fails_everywhere_with_the_reason() -> None:
+    async def body() -> None:
+        async with make_cluster(3) as nodes:
+
+            def full(nbytes: int) -> shm.Segment:
+                raise SharedMemoryError("cannot reserve 2097152 bytes in /dev/shm: full")
+
+            nodes[2].collectives.shm.own_segment = full  # type: ignore[method-assign]
+            arrays = [np.ones(1 << 18, np.float32) for _ in nodes]
+            results = await on_all_settled(
+                nodes, lambda node: node.allreduce(arrays[node.rank], algorithm="shm")
+            )
+            for rank, result in enumerate(results):
+                assert isinstance(result, SharedMemoryError), (rank, result)
+                assert "cannot reserve" in str(result)
+            assert all(np.all(a == 1.0) for a in arrays)  # nobody's input was touched
+
+    run(body())
+
+
+def test_a_rank_that_fails_mid_call_tells_the_others_instead_of_letting_them_time_out() -> None:
+    async def body() -> None:
+        async with make_cluster(3) as nodes:
+
+            def gone(rank: int, name: str) -> shm.Segment:
+                raise FileNotFoundError(name)
+
+            nodes[0].collectives.shm.peer_segment = gone  # type: ignore[method-assign]
+            arrays = [np.ones(1 << 18, np.float32) for _ in nodes]
+            results = await on_all_settled(
+                nodes,
+                lambda node: node.allreduce(arrays[node.rank], algorithm="shm", timeout=60.0),
+            )
+            assert "rank 0 cannot map" in str(results[0])
+            for result in results[1:]:
+                assert type(result) is P2PDLError, result  # not a CollectiveTimeoutError
+                assert "rank 0 failed: rank 0 cannot map" in str(result)
 
     run(body())

@@ -8,6 +8,7 @@ all-to-all above that. `ring` is kept for link-bound networks, where it is chose
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +25,9 @@ from p2pdl.collectives.ring import allreduce_ring
 from p2pdl.collectives.shm import ShmArena, allreduce_shm, probe
 from p2pdl.collectives.sliced import allgather_slices, allreduce_sliced, reduce_scatter
 from p2pdl.collectives.small import allreduce_direct, barrier, broadcast
-from p2pdl.errors import P2PDLError
+from p2pdl.errors import P2PDLError, SharedMemoryError
+
+log = logging.getLogger("p2pdl.collectives")
 
 ALGORITHMS = {
     "direct": allreduce_direct,
@@ -290,16 +293,47 @@ class Collectives:
                 await allreduce_direct(ctx)
             elif on_slice is not None:
                 await ctx.finish_slice(0, buf.size)
-        elif chosen == "hierarchical":
-            assert host_ids is not None
-            await operation.run(lambda: allreduce_hierarchical(ctx, host_ids))
         elif chosen == "shm":
-            await operation.run(lambda: allreduce_shm(ctx, self.shm))
+            try:
+                await operation.run(lambda: allreduce_shm(ctx, self.shm))
+            except SharedMemoryError as exc:
+                # Some rank could not get its segment, before any rank had its inputs: every
+                # rank sees this error on this call (the abort frame carries it), so all drop
+                # shared memory together and, under `auto`, redo the call over the network.
+                self.shm.usable = False
+                if algorithm != "auto":
+                    raise
+                log.warning("%s; this group's allreduces use the network from now on", exc)
+                self.last_algorithm = chosen = choose_algorithm(buf.nbytes, n, host_ids)
+                retry = Operation(
+                    self.group,
+                    "allreduce",
+                    descriptor.replace("(shm,", f"({chosen},", 1),
+                    timeout or self.timeout,
+                )
+                ctx = self._context(
+                    retry,
+                    buf,
+                    mean=op == "mean",
+                    compression=compression,
+                    on_slice=on_slice,
+                    chunkwise=on_chunk is not None,
+                )
+                await self._run(retry, ctx, chosen)
         else:
-            await operation.run(lambda: ALGORITHMS[chosen](ctx))
+            await self._run(operation, ctx, chosen)
         if local_copies:
             for other in buffers[1:]:
                 np.copyto(other, buf)
+
+    async def _run(self, operation: Operation, ctx: ReduceContext, algorithm: str) -> None:
+        """Run one network allreduce algorithm under `operation`."""
+        if algorithm == "hierarchical":
+            host_ids = self.host_ids
+            assert host_ids is not None
+            await operation.run(lambda: allreduce_hierarchical(ctx, host_ids))
+        else:
+            await operation.run(lambda: ALGORITHMS[algorithm](ctx))
 
     def plan(self, size: int) -> SlicePlan:
         """The slice plan `reduce_scatter` and `allgather` use for `size` elements."""

@@ -20,6 +20,7 @@ from p2pdl.errors import (
     CollectiveTimeoutError,
     P2PDLError,
     PeerLostError,
+    SharedMemoryError,
 )
 
 SUB_BITS = 24
@@ -186,6 +187,11 @@ class Operation:
             return CollectiveMismatchError(self.name, reason, ranks)
         if kind == "lost":
             return PeerLostError(ranks, f"reported by another rank: {reason}", operation=self.name)
+        who = f"rank {ranks[0]}" if ranks else "another rank"
+        if kind == "shm":
+            return SharedMemoryError(f"{self.name}: {who}: {reason}")
+        if kind == "failed":
+            return P2PDLError(f"{self.name}: {who} failed: {reason}")
         return P2PDLError(f"{self.name}: {reason}")
 
     def _broadcast_abort(self, error: P2PDLError) -> None:
@@ -197,8 +203,13 @@ class Operation:
             reason = str(error).split(": ", 1)[-1].rsplit(" (disagreeing", 1)[0]
         elif isinstance(error, PeerLostError):
             kind, ranks, reason = "lost", list(error.ranks), error.detail
-        else:
+        elif isinstance(error, SharedMemoryError):
+            # Every rank must learn it at once: they all drop shared memory together.
+            kind, ranks, reason = "shm", [self.rank], str(error)
+        elif isinstance(error, CollectiveTimeoutError):
             return  # timeouts are seen by everyone on their own
+        else:
+            kind, ranks, reason = "failed", [self.rank], str(error)
         header = {"t": self.base | ABORT_SUB, "kind": kind, "ranks": ranks, "reason": reason}
         for peer in range(self.world_size):
             if peer == self.rank:

@@ -35,6 +35,7 @@ import numpy as np
 from p2pdl import kernels
 from p2pdl.collectives.context import ReduceContext
 from p2pdl.collectives.op import Operation
+from p2pdl.errors import P2PDLError, SharedMemoryError
 
 SHM_DIR = "/dev/shm"
 _NAME = re.compile(r"^p2pdl-[0-9]+-[0-9a-f]{16}$")
@@ -131,26 +132,37 @@ class ShmArena:
         call; two calls in flight at once, as DDP's buckets are, would share a half)."""
 
     def own_segment(self, nbytes: int) -> Segment:
-        """This rank's segment with at least `nbytes` per half (a new, larger one if needed)."""
-        if self.own is not None and self.own.half_bytes >= nbytes:
-            return self.own
+        """This rank's segment with at least `nbytes` per half (a new, larger one if needed).
+
+        Raises SharedMemoryError when `/dev/shm` cannot hold it; the old segment stays.
+        """
+        old = self.own
+        if old is not None and old.half_bytes >= nbytes:
+            return old
         half = max(_ALIGN, -(-nbytes // _ALIGN) * _ALIGN)
-        if self.own is not None:
-            self.own.unlink()
-            self.own.close()
-            half = max(half, self.own.half_bytes * 2)  # grow geometrically
+        if old is not None:
+            half = max(half, old.half_bytes * 2)  # grow geometrically
         else:
             sweep_stale()
         name = f"p2pdl-{os.getpid()}-{secrets.token_hex(8)}"
         path = os.path.join(SHM_DIR, name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, 2 * half)
-        except OSError:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise SharedMemoryError(f"cannot create {path}: {exc.strerror}") from None
+        try:
+            # Reserve the pages now: a sparse file on a full tmpfs would SIGBUS on first touch.
+            os.posix_fallocate(fd, 0, 2 * half)
+        except OSError as exc:
             os.close(fd)
             os.unlink(path)
-            raise
+            raise SharedMemoryError(
+                f"cannot reserve {2 * half} bytes in {SHM_DIR}: {exc.strerror}"
+            ) from None
         self.own = Segment(name, fd, 2 * half)
+        if old is not None:
+            old.unlink()
+            old.close()
         return self.own
 
     def peer_segment(self, rank: int, name: str) -> Segment:
@@ -193,7 +205,7 @@ async def probe(op: Operation, arena: ShmArena) -> bool:
     peers = [p for p in range(op.world_size) if p != op.rank]
     try:
         name = arena.own_segment(_ALIGN).name
-    except OSError:
+    except (OSError, SharedMemoryError):
         name = ""
     names = [op.recv(p, 0, None) for p in peers]
     for p in peers:
@@ -240,8 +252,11 @@ async def _allreduce_shm(ctx: ReduceContext, arena: ShmArena) -> None:
     theirs: dict[int, np.ndarray] = {rank: mine}
     for p, arrival in zip(peers, entered, strict=True):
         _header, payload = await arrival
-        segment = arena.peer_segment(p, bytes(payload).decode())
-        theirs[p] = segment.half(parity, buf.dtype, buf.size)
+        try:
+            segment = arena.peer_segment(p, bytes(payload).decode())
+            theirs[p] = segment.half(parity, buf.dtype, buf.size)
+        except (OSError, ValueError) as exc:
+            raise P2PDLError(f"rank {rank} cannot map rank {p}'s shared segment: {exc}") from None
     # Single-threaded kernels: every rank sums its own slice at the same time, so the
     # cores are busy already (Numba's pool on top only oversubscribes them).
     ctx.chunk_elems = max(ctx.chunk_elems, buf.size)

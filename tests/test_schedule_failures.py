@@ -36,7 +36,8 @@ def _check_done(done: dict, world_size: int) -> None:
     assert done["weights_identical"], done["weights_by_rank"]
 
 
-@pytest.mark.parametrize("features", ["31", "199999"], ids=["direct", "sliced"])
+# small: the direct exchange; large: shared memory (every node on this host; sliced elsewhere)
+@pytest.mark.parametrize("features", ["31", "199999"], ids=["small", "large"])
 def test_worker_killed_mid_group(procs: Procs, features: str) -> None:
     """Rank-2's process SIGKILLs itself inside step 9 (group 2 of 4-step groups): the
     survivors roll back to the last common boundary and finish; every sample of every epoch

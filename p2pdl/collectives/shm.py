@@ -6,9 +6,9 @@ in `/dev/shm`, mode 0600) and the TCP links carry only two tiny frames per peer 
 
 1. every rank copies its buffer into its segment and tells every peer ("in", with the
    segment's name, so peers map it once and again only when it grows);
-2. the owner of each slice (`slice_bounds`) sums that slice straight out of every rank's
-   segment, in rank order, runs `on_slice`, writes the result back into the slice of its own
-   segment, and tells every peer ("out");
+2. the owner of each slice (the same slices as `sliced`) sums that slice straight out of
+   every rank's segment, in rank order, runs `on_slice`, writes the result back into the
+   slice of its own segment, and tells every peer ("out");
 3. every rank copies the other owners' results out of their segments.
 
 Each segment has two halves used by alternate calls: a rank rewrites a half only after every
@@ -32,9 +32,9 @@ import time
 
 import numpy as np
 
-from p2pdl import kernels
 from p2pdl.collectives.context import ReduceContext
 from p2pdl.collectives.op import Operation
+from p2pdl.collectives.plan import plan_slices
 from p2pdl.errors import P2PDLError, SharedMemoryError
 
 SHM_DIR = "/dev/shm"
@@ -260,7 +260,9 @@ async def _allreduce_shm(ctx: ReduceContext, arena: ShmArena) -> None:
     # Single-threaded kernels: every rank sums its own slice at the same time, so the
     # cores are busy already (Numba's pool on top only oversubscribes them).
     ctx.chunk_elems = max(ctx.chunk_elems, buf.size)
-    bounds = kernels.slice_bounds(buf.size, n)
+    # The same slices as `sliced` and reduce_scatter/allgather: an owner's optimizer state
+    # covers the same range whichever of them ran.
+    bounds = plan_slices(buf.size, n, max(1, buf.size)).slices
     lo, hi = bounds[rank]
     if hi > lo:
         await ctx.reduce_chunk(buf[lo:hi], [theirs[p][lo:hi] for p in range(n)], final=True)

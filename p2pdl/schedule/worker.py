@@ -368,6 +368,8 @@ class Worker:
         if self.mesh is not None:
             await self.mesh.close()
             self.mesh = None
+        if self.collectives is not None:
+            self.collectives.close()
         if self.compute is not None:
             self.compute.close()
 
@@ -393,6 +395,9 @@ class Worker:
         if self.mesh is not None:
             await self.mesh.close()
             self.mesh = None
+        if self.collectives is not None:
+            self.collectives.close()  # its segments and its compute thread
+            self.collectives = None
         if self.compute is not None:
             self.compute.close()
             self.compute = None
@@ -420,7 +425,18 @@ class Worker:
             await self._report_failure("connect", exc)
             return
         self.compute = Compute()
-        self.collectives = Collectives(mesh, timeout=self.timeouts.operation, compute=self.compute)
+        self.collectives = Collectives(
+            mesh,
+            timeout=self.timeouts.operation,
+            compute=self.compute,
+            host_ids=[host for host, _port in self.peers],
+        )
+        try:
+            if self.collectives.one_host:  # every member probes here, at the same point
+                await self.collectives.shm_usable()
+        except P2PDLError as exc:
+            await self._report_failure("connect", exc)
+            return
         nbytes = self.model.weights_ext.nbytes
         self._direct = choose_algorithm(nbytes, self.world_size) == "direct"
         await self.channel.send({"k": "connected", "epoch": self.epoch})
@@ -618,7 +634,9 @@ class Worker:
         # gathers is the new weights.
         await coll.allreduce(
             grads if len(grads) > 1 else grads[0],
-            algorithm="sliced",
+            # One host: shared memory when every member could map it (auto falls back to
+            # sliced, for all members at once, if /dev/shm runs out). Otherwise BigDL's sliced.
+            algorithm="auto" if coll.one_host else "sliced",
             on_chunk=self._on_chunk,
             local_copies=False,
         )

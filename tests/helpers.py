@@ -109,3 +109,17 @@ async def on_all(nodes: list[Node], fn: Callable[[Node], Awaitable[T]]) -> list[
 async def on_all_settled(nodes: list[Node], fn: Callable[[Node], Awaitable[Any]]) -> list[Any]:
     """Like `on_all` but returns each node's result or exception."""
     return list(await asyncio.gather(*(fn(node) for node in nodes), return_exceptions=True))
+
+
+def shm_free_bytes() -> int:
+    """Free bytes in /dev/shm (0 where there is none)."""
+    try:
+        info = os.statvfs("/dev/shm")
+    except OSError:
+        return 0
+    return info.f_bavail * info.f_frsize
+
+
+SHM_ROOM = shm_free_bytes() >= 512 << 20
+"""Enough /dev/shm for the shared-memory tests' explicit `shm` calls (containers often
+mount 64 MiB; there `auto` falls back to TCP, which other tests cover)."""

@@ -9,14 +9,14 @@ import time
 
 import numpy as np
 import pytest
-from helpers import make_cluster, on_all, on_all_settled, run
+from helpers import SHM_ROOM, make_cluster, on_all, on_all_settled, run
 
 from p2pdl.collectives import shm
 from p2pdl.collectives.api import SHM_MIN_BYTES, choose_algorithm
 from p2pdl.errors import P2PDLError, SharedMemoryError
 
 pytestmark = pytest.mark.skipif(
-    not os.path.isdir(shm.SHM_DIR), reason=f"no {shm.SHM_DIR} on this system"
+    not SHM_ROOM, reason=f"{shm.SHM_DIR} missing or under 512 MiB free on this system"
 )
 
 

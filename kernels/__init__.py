@@ -12,6 +12,7 @@ from ._jit import parallel_threshold, precompile, set_parallel_threshold
 from .arith import add_, axpy_, scale_, sum_into
 from .compress import (
     decode_add_bf16,
+    decode_add_encode_round_bf16,
     decode_add_fp16,
     decode_bf16,
     decode_fp16,
@@ -27,6 +28,7 @@ __all__ = [
     "add_",
     "axpy_",
     "decode_add_bf16",
+    "decode_add_encode_round_bf16",
     "decode_add_fp16",
     "decode_bf16",
     "decode_fp16",

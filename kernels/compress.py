@@ -110,6 +110,15 @@ def _encround_bf16_vec(bits, out):
 
 
 @njit(**INNER_OPTS)
+def _decadd_encround_bf16_vec(dst, src, out, alpha):
+    for i in range(dst.size):
+        x = (dst[i] + _bf16_value(src[i])) * alpha
+        h = _bf16_bits(np.float32(x).view(np.uint32))
+        out[i] = h
+        dst[i] = _bf16_value(h)
+
+
+@njit(**INNER_OPTS)
 def _enc_fp16_vec(src, out):
     for i in range(out.size):
         out[i] = _fp16_bits(src[i])
@@ -215,6 +224,18 @@ def _encround_bf16_p(a, b):
         _encround_bf16_vec(a[lo:hi], b[lo:hi])
 
 
+def _decadd_encround_bf16_s(a, b, c, alpha):
+    _decadd_encround_bf16_vec(a, b, c, alpha)
+
+
+def _decadd_encround_bf16_p(a, b, c, alpha):
+    n = a.size
+    for k in prange((n + BLOCK - 1) // BLOCK):
+        lo = k * BLOCK
+        hi = min(lo + BLOCK, n)
+        _decadd_encround_bf16_vec(a[lo:hi], b[lo:hi], c[lo:hi], alpha)
+
+
 _ENC_SIG = {"f": nt.void(array(_U4, True), array(_U2))}  # float32 bits in, 16-bit words out
 _ENCROUND_SIG = {"f": nt.void(array(_U4), array(_U2))}  # float32 bits in and out, words out
 _DEC_SIG = {ch: nt.void(array(_U2, True), array(t)) for ch, t in FLOAT_TYPES.items()}
@@ -224,6 +245,11 @@ _ENC_BF16 = kernel(_enc_bf16_s, _enc_bf16_p, _ENC_SIG)
 _DEC_BF16 = kernel(_dec_bf16_s, _dec_bf16_p, _DEC_SIG)
 _ENCROUND_BF16 = kernel(_encround_bf16_s, _encround_bf16_p, _ENCROUND_SIG)
 _DECADD_BF16 = kernel(_decadd_bf16_s, _decadd_bf16_p, _DECADD_SIG)
+_DECADD_ENCROUND_BF16 = kernel(
+    _decadd_encround_bf16_s,
+    _decadd_encround_bf16_p,
+    {"f": nt.void(array(nt.float32), array(_U2, True), array(_U2), nt.float32)},
+)
 _ENC_FP16 = kernel(_enc_fp16_s, _enc_fp16_p, _ENC_SIG)
 _DEC_FP16 = kernel(_dec_fp16_s, _dec_fp16_p, _DEC_SIG)
 _DECADD_FP16 = kernel(_decadd_fp16_s, _decadd_fp16_p, _DECADD_SIG)
@@ -292,6 +318,33 @@ def decode_bf16(src16: np.ndarray, out: np.ndarray, *, parallel: bool | None = N
 def decode_add_bf16(dst: np.ndarray, src16: np.ndarray, *, parallel: bool | None = None) -> None:
     """``dst += decode(src16)`` in one pass (``dst`` float32 or float64)."""
     _decode_add(_DECADD_BF16, dst, src16, parallel)
+
+
+def decode_add_encode_round_bf16(
+    dst: np.ndarray,
+    src16: np.ndarray,
+    out: np.ndarray,
+    *,
+    alpha: float = 1.0,
+    parallel: bool | None = None,
+) -> None:
+    """``dst = (dst + decode(src16)) * alpha``, then :func:`encode_round_bf16` of it into
+    ``out``, in one pass (``dst`` float32; ``alpha`` rounded to float32).
+
+    The owner of a compressed slice does exactly this with the last contribution it receives:
+    add it, apply the mean's scale, and round to the words it shares. One pass instead of
+    three, with the same bits as ``decode_add_bf16``, ``scale_`` and ``encode_round_bf16``.
+    ``out`` may be ``src16`` itself (each word is read before it is written).
+    """
+    dst = v.flat(dst, "dst", "f", True)
+    src16 = v.flat(src16, "src16", "H")
+    out = v.flat(out, "out", "H", True)
+    v.same_size(src16, "src16", dst, "dst")
+    v.same_size(out, "out", dst, "dst")
+    v.no_overlap(out, "out", dst, "dst")
+    v.no_partial_overlap(out, "out", src16, "src16")
+    alpha = v.real(alpha, "alpha")
+    run(_DECADD_ENCROUND_BF16, "f", dst.size, parallel, dst, src16, out, alpha)
 
 
 def encode_fp16(

@@ -48,6 +48,15 @@ def encode_round_bf16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (words.astype(np.uint32) << 16).view(np.float32), words
 
 
+def decode_add_encode_round_bf16(
+    dst: np.ndarray, src16: np.ndarray, alpha: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the rounded float32 values, the words) of (dst + decode(src16)) * alpha in float32."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = (dst.astype(np.float32) + decode_bf16(src16)) * np.float32(alpha)
+    return encode_round_bf16(total)
+
+
 def encode_fp16(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         return x.astype(np.float32).astype(np.float16).view(np.uint16)

@@ -83,6 +83,52 @@ def test_encode_round_bf16_sizes_and_bad_input(n):
         K.encode_round_bf16(readonly, out)
 
 
+@pytest.mark.parametrize("alpha", [1.0, 0.25, 1 / 3])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_decode_add_encode_round_bf16_matches_the_three_passes(values, parallel, alpha):
+    """Edge and random bit patterns (NaNs, infinities, ties, subnormals) on both sides."""
+    words = naive.encode_bf16(values[::-1].copy())
+    dst, out = values.copy(), np.empty(values.size, np.uint16)
+    K.decode_add_encode_round_bf16(dst, words, out, alpha=alpha, parallel=parallel)
+    rounded, expect = naive.decode_add_encode_round_bf16(values, words, alpha)
+    assert np.array_equal(out, expect)
+    assert np.array_equal(dst.view(np.uint32), rounded.view(np.uint32))
+    # the same bits as the three separate kernels
+    three, words3 = values.copy(), np.empty(values.size, np.uint16)
+    K.decode_add_bf16(three, words, parallel=parallel)
+    K.scale_(three, alpha, parallel=parallel)
+    K.encode_round_bf16(three, words3, parallel=parallel)
+    assert np.array_equal(out, words3)
+    assert np.array_equal(dst.view(np.uint32), three.view(np.uint32))
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 4097])
+def test_decode_add_encode_round_bf16_sizes_in_place_words_and_bad_input(n):
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(np.float32)
+    words = naive.encode_bf16(rng.standard_normal(n).astype(np.float32))
+    rounded, expect = naive.decode_add_encode_round_bf16(x, words)
+    dst, inplace = x.copy(), words.copy()
+    K.decode_add_encode_round_bf16(dst, inplace, inplace)  # out may be src16 itself
+    assert np.array_equal(inplace, expect)
+    assert np.array_equal(dst.view(np.uint32), rounded.view(np.uint32))
+    out = np.empty(n, np.uint16)
+    with pytest.raises(TypeError):
+        K.decode_add_encode_round_bf16(x.astype(np.float64), words, out)
+    with pytest.raises(TypeError):
+        K.decode_add_encode_round_bf16(x.copy(), words.astype(np.int32), out)
+    with pytest.raises(ValueError):
+        K.decode_add_encode_round_bf16(x.copy(), words, np.empty(n + 1, np.uint16))
+    with pytest.raises(ValueError):
+        K.decode_add_encode_round_bf16(x.copy(), np.empty(n + 1, np.uint16), out)
+    if n > 1:
+        shared = np.empty(n + 1, np.uint16)
+        with pytest.raises(ValueError):  # out overlaps src16 by all but one word
+            K.decode_add_encode_round_bf16(x.copy(), shared[:n], shared[1:])
+    with pytest.raises(TypeError):
+        K.decode_add_encode_round_bf16(x.copy(), words, out, alpha="half")
+
+
 def test_encode_semantics_spot_checks():
     x = np.array([1.0, np.inf, -np.inf, np.nan, 65520.0, 65519.0, 2.0**-25, 2.0**-24, 1e-8],
                  np.float32)  # fmt: skip

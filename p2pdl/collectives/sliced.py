@@ -110,6 +110,10 @@ async def reduce_scatter(ctx: ReduceContext, plan: SlicePlan, *, then_gather: bo
             assert payload is not None
             await ctx.op.send(peer, _gather_sub(plan, c), payload)
 
+    # bf16 with nothing to run between reducing and sharing a chunk: add the last
+    # contribution, scale and round to the shared words in one pass.
+    fused = own16 is not None and ctx.compression == "bf16" and ctx.on_slice is None
+
     async def reduce_own() -> None:
         for c, (a, b) in enumerate(own_chunks):
             for p in peers:
@@ -119,6 +123,13 @@ async def reduce_scatter(ctx: ReduceContext, plan: SlicePlan, *, then_gather: bo
                 dst if p == rank else incoming[p][a - own_start : b - own_start]
                 for p in range(ctx.world_size)
             ]
+            if fused:
+                assert own16 is not None
+                part = own16[a - own_start : b - own_start]
+                await ctx.reduce_chunk_encode_bf16(dst, sources, part)
+                payloads[c] = as_bytes(part)
+                ready[c].set_result(None)
+                continue
             await ctx.reduce_chunk(dst, sources)
             if ctx.chunkwise:
                 await ctx.finish_slice(a, b)  # an elementwise hook: run it piece by piece

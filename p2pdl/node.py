@@ -166,14 +166,14 @@ class Node:
             chunk_bytes=self._chunk_bytes,
             host_ids=[peer.host_id for peer in self.membership.peers],
         )
-        if self.collectives.one_host:
-            # Every rank on this host: agree now whether shared memory works between them,
-            # so `auto` can use it from the first call.
-            try:
-                await self.collectives.shm_usable()
-            except BaseException:
-                await self.close()
-                raise
+        # Ranks that share a host agree now whether shared memory works between them, so
+        # `auto` can use it from the first call (a collective; nothing when every host
+        # runs one rank).
+        try:
+            await self.collectives.prepare()
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def close(self) -> None:

@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import make_cluster, run
+from helpers import SHM_ROOM, make_cluster, run
 
 from p2pdl.collectives.api import choose_algorithm
 from p2pdl.collectives.hierarchical import PHASE_STRIDE, host_groups, worth_it
+from p2pdl.errors import SharedMemoryError
 
 LAYOUTS = [
     ["a", "a", "b", "b"],
@@ -126,3 +127,68 @@ def test_hierarchical_with_bf16_between_hosts() -> None:
 
 def test_phases_do_not_overlap_in_frame_numbers() -> None:
     assert 3 * PHASE_STRIDE < (1 << 24) - 1  # the abort frame number stays outside
+
+
+# ------------------------------------------------------------- phases 1 and 3 in shared memory
+def _run_twice(layout: list[str], size: int, host_memory: bool) -> tuple[list[np.ndarray], list]:
+    """Two hierarchical calls (so halves alternate), with or without the hosts' shared memory;
+    returns the second call's results and each rank's `host_usable`."""
+    n = len(layout)
+
+    async def body() -> tuple[list[np.ndarray], list]:
+        async with make_cluster(n) as nodes:
+            for node in nodes:
+                node.collectives.host_ids = list(layout)
+                if not host_memory:
+                    node.collectives.shm.host_usable = False
+            for seed in (1, 2):
+                arrays = _inputs(n, size, np.float32, seed)
+                await asyncio.gather(
+                    *(
+                        node.allreduce(a, algorithm="hierarchical")
+                        for node, a in zip(nodes, arrays, strict=True)
+                    )
+                )
+            return arrays, [node.collectives.shm.host_usable for node in nodes]
+
+    return run(body())
+
+
+@pytest.mark.skipif(not SHM_ROOM, reason="/dev/shm missing or under 512 MiB free")
+def test_shared_memory_within_hosts_gives_the_same_bits_as_loopback() -> None:
+    layout = ["a", "a", "b", "b", "b"]
+    shared, usable = _run_twice(layout, 300_001, host_memory=True)
+    assert usable == [True] * len(layout)
+    loopback, usable = _run_twice(layout, 300_001, host_memory=False)
+    assert usable == [False] * len(layout)
+    for a, b in zip(shared, loopback, strict=True):
+        assert a.tobytes() == b.tobytes()
+    assert all(a.tobytes() == shared[0].tobytes() for a in shared)
+
+
+@pytest.mark.skipif(not SHM_ROOM, reason="/dev/shm missing or under 512 MiB free")
+def test_a_host_that_cannot_reserve_redoes_the_call_over_loopback_with_nothing_summed_twice() -> (
+    None
+):
+    layout = ["a", "a", "b", "b"]
+    n, size = len(layout), 200_000
+
+    async def body() -> None:
+        async with make_cluster(n) as nodes:
+            for node in nodes:
+                node.collectives.host_ids = list(layout)
+            warm = [np.ones(size, np.float32) for _ in nodes]
+            await asyncio.gather(*(nd.allreduce(a) for nd, a in zip(nodes, warm, strict=True)))
+            assert all(np.all(a == n) for a in warm)
+            assert [nd.collectives.last_algorithm for nd in nodes] == ["hierarchical"] * n
+
+            def full(nbytes: int) -> Any:
+                raise SharedMemoryError("cannot reserve: /dev/shm is full")
+
+            nodes[3].collectives.shm.own_segment = full  # type: ignore[method-assign]
+            big = [np.full(2 * size, float(r + 1), np.float32) for r in range(n)]
+            await asyncio.gather(*(nd.allreduce(a) for nd, a in zip(nodes, big, strict=True)))
+            assert all(np.all(a == n * (n + 1) / 2) for a in big)  # each input summed once
+            assert [nd.collectives.shm.host_usable for nd in nodes] == [False] * n  # all hosts
+
+    run(body())

@@ -18,7 +18,7 @@ from p2pdl import kernels
 from p2pdl.collectives.baselines import allreduce_driver, allreduce_tree
 from p2pdl.collectives.compute import Compute, ScratchPool
 from p2pdl.collectives.context import OnSlice, ReduceContext
-from p2pdl.collectives.hierarchical import allreduce_hierarchical, worth_it
+from p2pdl.collectives.hierarchical import allreduce_hierarchical, host_groups, worth_it
 from p2pdl.collectives.op import Group, Operation
 from p2pdl.collectives.plan import SlicePlan, plan_slices
 from p2pdl.collectives.ring import allreduce_ring
@@ -162,20 +162,43 @@ class Collectives:
         is a collective (two tiny frames per peer).
         """
         arena = self.shm
-        if arena.usable is not None:
-            return arena.usable
-        if arena.probing is None:
+        if arena.usable is None:
+            arena.usable = await self._probe("probing", None, timeout)
+        return arena.usable
+
+    async def host_shm_usable(self, timeout: float | None = None) -> bool:
+        """Whether the ranks of this rank's host can map each other's segments (probed once;
+        a collective like `shm_usable`, whose frames stay within each host)."""
+        arena = self.shm
+        if arena.host_usable is None:
+            ids = self.host_ids
+            assert ids is not None and len(ids) == self.group.world_size
+            members = next(g for g in host_groups(ids) if self.group.rank in g)
+            arena.host_usable = await self._probe("host_probing", members, timeout)
+        return arena.host_usable
+
+    async def _probe(self, slot: str, members: list[int] | None, timeout: float | None) -> bool:
+        arena = self.shm
+        probing: asyncio.Future[bool] | None = getattr(arena, slot)
+        if probing is None:
             # Calls in flight together share one probe; its operation takes its number now,
             # before any of theirs, on every rank alike.
             operation = Operation(self.group, "shm probe", "shm probe", timeout or self.timeout)
-            arena.probing = asyncio.ensure_future(operation.run(lambda: probe(operation, arena)))
-        probing = arena.probing
+            probing = asyncio.ensure_future(operation.run(lambda: probe(operation, arena, members)))
+            setattr(arena, slot, probing)
         try:
-            arena.usable = await asyncio.shield(probing)
+            return await asyncio.shield(probing)
         finally:
-            if probing.done() and arena.probing is probing:
-                arena.probing = None  # settled; a failed probe (a lost peer) runs again
-        return arena.usable
+            if probing.done() and getattr(arena, slot) is probing:
+                setattr(arena, slot, None)  # settled; a failed probe (a lost peer) runs again
+
+    async def prepare(self) -> None:
+        """Probe shared memory where `auto` could use it: every rank on this host (the shm
+        allreduce), or several ranks on some of several hosts (the hierarchical one)."""
+        if self.one_host:
+            await self.shm_usable()
+        elif worth_it(self.host_ids):
+            await self.host_shm_usable()
 
     def close(self) -> None:
         """Unmap and unlink shared segments, stop the reduce thread."""
@@ -276,6 +299,8 @@ class Collectives:
             raise ValueError("the hierarchical allreduce needs every rank's host identity")
         if compression is not None and chosen in ("driver", "tree"):
             raise ValueError(f"the {chosen} baseline sends full precision; use no compression")
+        if chosen == "hierarchical" and n > 1 and self.shm.host_usable is None:
+            await self.host_shm_usable(timeout)  # (host identities set after start)
         self.last_algorithm = chosen
         dtype = _DTYPE_NAMES.get(buf.dtype.char) or str(buf.dtype)
         descriptor = f"allreduce({chosen}, {op}, {dtype}[{buf.size}], {compression})"
@@ -293,22 +318,30 @@ class Collectives:
                 await allreduce_direct(ctx)
             elif on_slice is not None:
                 await ctx.finish_slice(0, buf.size)
-        elif chosen == "shm":
+        else:
             try:
-                await operation.run(lambda: allreduce_shm(ctx, self.shm))
+                await self._run(operation, ctx, chosen)
             except SharedMemoryError as exc:
-                # Some rank could not get its segment, before any rank had its inputs: every
-                # rank sees this error on this call (the abort frame carries it), so all drop
-                # shared memory together and, under `auto`, redo the call over the network.
-                self.shm.usable = False
-                if algorithm != "auto":
+                # Some rank could not reserve its segment before any rank's buffer changed:
+                # every rank gets this error on this call (the abort frame carries it), so
+                # all drop shared memory together and redo the call over the network (for
+                # `shm`, only under `auto`: an explicit `shm` has no network form).
+                if chosen == "shm":
+                    self.shm.usable = False
+                    if algorithm != "auto":
+                        raise
+                    redo = choose_algorithm(buf.nbytes, n, host_ids)
+                elif chosen == "hierarchical":
+                    self.shm.host_usable = False
+                    redo = "hierarchical"
+                else:
                     raise
                 log.warning("%s; this group's allreduces use the network from now on", exc)
-                self.last_algorithm = chosen = choose_algorithm(buf.nbytes, n, host_ids)
+                self.last_algorithm = redo
                 retry = Operation(
                     self.group,
                     "allreduce",
-                    descriptor.replace("(shm,", f"({chosen},", 1),
+                    descriptor.replace(f"({chosen},", f"({redo},", 1),
                     timeout or self.timeout,
                 )
                 ctx = self._context(
@@ -319,9 +352,7 @@ class Collectives:
                     on_slice=on_slice,
                     chunkwise=on_chunk is not None,
                 )
-                await self._run(retry, ctx, chosen)
-        else:
-            await self._run(operation, ctx, chosen)
+                await self._run(retry, ctx, redo)
         if local_copies:
             for other in buffers[1:]:
                 np.copyto(other, buf)
@@ -331,7 +362,9 @@ class Collectives:
         if algorithm == "hierarchical":
             host_ids = self.host_ids
             assert host_ids is not None
-            await operation.run(lambda: allreduce_hierarchical(ctx, host_ids))
+            await operation.run(lambda: allreduce_hierarchical(ctx, host_ids, self.shm))
+        elif algorithm == "shm":
+            await operation.run(lambda: allreduce_shm(ctx, self.shm))
         else:
             await operation.run(lambda: ALGORITHMS[algorithm](ctx))
 

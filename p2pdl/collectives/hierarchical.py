@@ -14,11 +14,15 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from p2pdl.collectives.baselines import reduce_up, send_down
 from p2pdl.collectives.context import ReduceContext, as_bytes, gather_all
 from p2pdl.collectives.op import Operation
 from p2pdl.collectives.plan import chunk_ranges, plan_slices
+from p2pdl.collectives.shm import ShmArena
 from p2pdl.collectives.sliced import reduce_scatter
+from p2pdl.errors import P2PDLError
 
 PHASE_STRIDE = 1 << 22
 """Frame numbers of phase k start at k · PHASE_STRIDE (the op's tag space holds 2**24)."""
@@ -63,11 +67,22 @@ class SubOperation:
         await self.op.send(self.members[peer], self.offset + sub, payload)
 
 
-async def allreduce_hierarchical(ctx: ReduceContext, host_ids: Sequence[str]) -> None:
+async def allreduce_hierarchical(
+    ctx: ReduceContext, host_ids: Sequence[str], arena: ShmArena | None = None
+) -> None:
+    """Phase 1 within each host, phase 2 across hosts' leaders, phase 3 back within hosts.
+
+    With an `arena` whose host probe succeeded, phases 1 and 3 go through shared memory
+    (`_within_host_shm`); otherwise over the host's loopback links.
+    """
     op = ctx.op
     groups = host_groups(host_ids)
     local = next(g for g in groups if op.rank in g)
     leaders = [g[0] for g in groups]
+    if arena is not None and arena.host_usable and len(local) > 1:
+        async with arena.turn:  # the arena's halves alternate per call, one call at a time
+            await _within_host_shm(ctx, arena, local, leaders)
+        return
     is_leader = op.rank == local[0]
     chunks = chunk_ranges(0, ctx.buf.size, ctx.chunk_elems)
     # Sums stay plain until the very end: the mean's 1/N is the whole world's N.
@@ -80,19 +95,7 @@ async def allreduce_hierarchical(ctx: ReduceContext, host_ids: Sequence[str]) ->
     await reduce_up(up, children, parent, chunks)
 
     if is_leader:
-        # Phase 2: the leaders run the sliced AllReduce (owners run on_slice and the mean).
-        across = dataclasses.replace(
-            ctx,
-            op=SubOperation(op, leaders, 1),  # type: ignore[arg-type]
-            mean=False,
-            scale=1.0 / op.world_size if ctx.mean else None,
-        )
-        if len(leaders) > 1:
-            plan = plan_slices(ctx.buf.size, len(leaders), ctx.chunk_elems)
-            await reduce_scatter(across, plan, then_gather=True)
-        else:
-            await across.reduce_chunk(across.buf, [across.buf])
-            await across.finish_slice(0, across.buf.size)
+        await _across_hosts(ctx, leaders, ctx.buf)
         # Phase 3: hand the result to the host's other ranks.
         down = dataclasses.replace(plain, op=SubOperation(op, local, 2))  # type: ignore[arg-type]
         await send_down(down, children, chunks, 0, None)
@@ -101,3 +104,77 @@ async def allreduce_hierarchical(ctx: ReduceContext, host_ids: Sequence[str]) ->
         await gather_all(
             *(down_op.recv(0, c, as_bytes(ctx.buf[a:b])) for c, (a, b) in enumerate(chunks))
         )
+
+
+async def _across_hosts(ctx: ReduceContext, leaders: list[int], buf: np.ndarray) -> None:
+    """Phase 2: the leaders run the sliced AllReduce on `buf` (owners run on_slice and the
+    mean, whose 1/N is the whole world's N)."""
+    op = ctx.op
+    across = dataclasses.replace(
+        ctx,
+        buf=buf,
+        op=SubOperation(op, leaders, 1),  # type: ignore[arg-type]
+        mean=False,
+        scale=1.0 / op.world_size if ctx.mean else None,
+    )
+    if len(leaders) > 1:
+        plan = plan_slices(buf.size, len(leaders), ctx.chunk_elems)
+        await reduce_scatter(across, plan, then_gather=True)
+    else:
+        await across.reduce_chunk(buf, [buf])
+        await across.finish_slice(0, buf.size)
+
+
+async def _within_host_shm(
+    ctx: ReduceContext, arena: ShmArena, local: list[int], leaders: list[int]
+) -> None:
+    """Phases 1 and 3 through the host's shared memory.
+
+    Every member copies its buffer into its segment and names it to the leader ("in"); the
+    leader sums them, in rank order, into its own segment, runs phase 2 there and names it
+    back ("out"); members copy the result out. No rank's buffer changes before every host
+    has finished phase 1 (phase 2 needs every leader, and it works in the leader's segment),
+    so a segment that cannot be reserved fails the call everywhere with nothing touched.
+    """
+    op, buf = ctx.op, ctx.buf
+    parity = arena.calls % 2
+    arena.calls += 1
+    previous = arena.own
+    own = arena.own_segment(buf.nbytes)  # SharedMemoryError here: nothing touched yet
+    mine = own.half(parity, buf.dtype, buf.size)
+    name = memoryview(own.name.encode())
+    up, down = SubOperation(op, local, 0), SubOperation(op, local, 2)
+    serial = dataclasses.replace(
+        ctx, mean=False, on_slice=None, compression=None, chunk_elems=max(1, buf.size)
+    )
+    if op.rank == local[0]:
+        entered = [up.recv(i, 0, None) for i in range(1, len(local))]
+        sources = [buf]
+        for i, arrival in enumerate(entered, start=1):
+            _header, payload = await arrival
+            sources.append(_map(arena, local[i], payload, parity, buf))
+        # Every member is past the previous call: the segments they had to map are mapped.
+        arena.unlink_pending()
+        await serial.reduce_chunk(mine, sources, final=False)
+        await _across_hosts(ctx, leaders, mine)
+        for i in range(1, len(local)):
+            await down.send(i, 0, name)
+        await ctx.compute.run(buf.nbytes, lambda: np.copyto(buf, mine))
+        if own is not previous:
+            arena.unlink_later(own)  # the members map it on this call's "out"
+    else:
+        result = down.recv(0, 0, None)
+        await ctx.compute.run(buf.nbytes, lambda: np.copyto(mine, buf))
+        await up.send(0, 0, name)
+        _header, payload = await result
+        total = _map(arena, local[0], payload, parity, buf)
+        await ctx.compute.run(buf.nbytes, lambda: np.copyto(buf, total))
+        own.unlink()  # the leader mapped it before it summed
+
+
+def _map(arena: ShmArena, rank: int, payload: Any, parity: int, like: np.ndarray) -> np.ndarray:
+    try:
+        segment = arena.peer_segment(rank, bytes(payload).decode())
+        return segment.half(parity, like.dtype, like.size)
+    except (OSError, ValueError) as exc:
+        raise P2PDLError(f"cannot map rank {rank}'s shared segment: {exc}") from None

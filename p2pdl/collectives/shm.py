@@ -29,6 +29,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -127,6 +128,11 @@ class ShmArena:
         self.usable: bool | None = None
         """Whether every rank can map every other rank's segment (None: not probed yet)."""
         self.probing: asyncio.Future[bool] | None = None
+        self.host_usable: bool | None = None
+        """Whether the ranks of this rank's host can map each other's segments (for the
+        hierarchical allreduce's phases within a host; None: not probed yet)."""
+        self.host_probing: asyncio.Future[bool] | None = None
+        self.pending: list[Segment] = []
         self.turn = asyncio.Lock()
         """One call at a time uses the segments, in call order (the halves alternate per
         call; two calls in flight at once, as DDP's buckets are, would share a half)."""
@@ -165,6 +171,25 @@ class ShmArena:
             old.close()
         return self.own
 
+    def renew(self) -> Segment:
+        """A new segment of the same size under a new name (the old one is let go)."""
+        assert self.own is not None
+        size = self.own.half_bytes
+        old, self.own = self.own, None
+        segment = self.own_segment(size)
+        old.unlink()
+        old.close()
+        return segment
+
+    def unlink_later(self, segment: Segment) -> None:
+        """Unlink `segment` at the next `unlink_pending` (its peers map it after this call)."""
+        self.pending.append(segment)
+
+    def unlink_pending(self) -> None:
+        for segment in self.pending:
+            segment.unlink()
+        self.pending.clear()
+
     def peer_segment(self, rank: int, name: str) -> Segment:
         """Peer `rank`'s segment `name`, mapped on first sight (and again when it changes)."""
         current = self.peers.get(rank)
@@ -180,6 +205,7 @@ class ShmArena:
         return segment
 
     def close(self) -> None:
+        self.unlink_pending()
         if self.own is not None:
             self.own.unlink()
             self.own.close()
@@ -200,11 +226,19 @@ def _map_peer(name: str, fd: int) -> Segment:
     return segment
 
 
-async def probe(op: Operation, arena: ShmArena) -> bool:
-    """Every rank maps every peer's segment; True on every rank iff all of them could."""
-    peers = [p for p in range(op.world_size) if p != op.rank]
+async def probe(op: Operation, arena: ShmArena, members: Sequence[int] | None = None) -> bool:
+    """Every rank of `members` (all ranks by default) maps every other member's segment;
+    True on each of them iff all of them could. Ranks outside `members` take part in the
+    operation (it keeps every rank's operation count) but exchange nothing."""
+    group = list(range(op.world_size)) if members is None else list(members)
+    peers = [p for p in group if p != op.rank]
+    if op.rank not in group or not peers:
+        return False
     try:
-        name = arena.own_segment(_ALIGN).name
+        own = arena.own_segment(_ALIGN)
+        if not own.linked:  # unlinked after an earlier probe: new peers need a name to open
+            own = arena.renew()
+        name = own.name
     except (OSError, SharedMemoryError):
         name = ""
     names = [op.recv(p, 0, None) for p in peers]

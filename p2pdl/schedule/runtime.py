@@ -497,8 +497,7 @@ async def _serve_plain_member(
     )
     try:
         await mesh.connect()
-        if collectives.one_host:  # the leader's Node.start probes shared memory with us
-            await collectives.shm_usable()
+        await collectives.prepare()  # the leader's Node.start probes shared memory with us
         emit(
             "ready", rank=rank, world_size=len(peers), address=f"{peers[rank][0]}:{peers[rank][1]}"
         )

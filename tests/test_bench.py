@@ -54,3 +54,32 @@ def test_schedule_bench_rejects_bad_arguments(args: list[str]) -> None:
     assert done.returncode == 2
     assert "error:" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--algorithms", "hierarchical"], "need --host-layout"),
+        (["--nodes", "4", "--host-layout", "a,a,b"], "one non-empty label per rank"),
+        (["--algorithms", "bogus"], "algorithms"),
+    ],
+)
+def test_allreduce_bench_rejects_bad_arguments(args: list[str], message: str) -> None:
+    done = _bench("allreduce", "--compare", "none", *args, timeout=60.0)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_allreduce_bench_with_a_host_layout_runs_the_hierarchical_variants(tmp_path) -> None:
+    done = _bench(
+        "allreduce", "--nodes", "4", "--host-layout", "a,a,b,b", "--sizes", "256K",
+        "--algorithms", "hierarchical,hierarchical-loopback", "--compression", "none",
+        "--compare", "none", "--repeat", "3", "--warmup", "1",
+        "--json", str(tmp_path / "allreduce.json"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()]
+    rows = [row for row in rows if len(row) > 1 and row[1].startswith("p2pdl/")]
+    assert [row[1] for row in rows] == ["p2pdl/hierarchical", "p2pdl/hierarchical-loopback"]
+    assert all(row[-1] == "ok" for row in rows)  # bit-identical on every rank, right sum

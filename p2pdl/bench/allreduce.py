@@ -32,7 +32,19 @@ from typing import Any
 
 from p2pdl.bench import _procs
 
-KNOWN_ALGORITHMS = ("auto", "direct", "sliced", "ring", "shm", "driver", "tree")
+KNOWN_ALGORITHMS = (
+    "auto",
+    "direct",
+    "sliced",
+    "ring",
+    "shm",
+    "hierarchical",
+    "hierarchical-loopback",
+    "driver",
+    "tree",
+)
+"""`hierarchical-loopback`: the hierarchical allreduce with its phases within a host forced
+onto loopback TCP instead of shared memory (for comparison; needs --host-layout)."""
 UNCOMPRESSED_ONLY = ("shm", "driver", "tree")
 """Algorithms that send full precision only (shm sends nothing): no compressed variants."""
 KNOWN_COMPRESSIONS = ("none", "bf16", "fp16")
@@ -126,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="on",
         help="Python's cyclic GC in the workers: on (default), freeze after setup, off",
     )
+    parser.add_argument(
+        "--host-layout",
+        default=None,
+        help="comma-separated host label per rank (e.g. a,a,b,b): the ranks act as if they ran "
+        "on those hosts (host identities), for the hierarchical allreduce",
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds for the run")
     parser.add_argument(
         "--launcher",
@@ -163,6 +181,7 @@ class Config:
     out: str = ""
     mpi: bool = False
     mpi_status: str | None = None
+    host_layout: list[str] | None = None
 
 
 def parse_config(args: argparse.Namespace) -> Config:
@@ -182,10 +201,22 @@ def parse_config(args: argparse.Namespace) -> Config:
         if args.compare.strip().lower() in ("", "none")
         else _choices(args.compare, KNOWN_PEERS, "compare")
     )
+    layout = None
+    if args.host_layout is not None:
+        layout = [label.strip() for label in args.host_layout.split(",")]
+        if len(layout) != args.nodes or not all(layout):
+            raise UsageError(
+                f"--host-layout needs one non-empty label per rank ({args.nodes}), "
+                f"got {args.host_layout!r}"
+            )
+    algorithms = _choices(args.algorithms, KNOWN_ALGORITHMS, "algorithms")
+    if layout is None and any(a.startswith("hierarchical") for a in algorithms):
+        raise UsageError("the hierarchical algorithms need --host-layout (e.g. a,a,b,b)")
     return Config(
+        host_layout=layout,
         nodes=args.nodes,
         sizes=sizes,
-        algorithms=_choices(args.algorithms, KNOWN_ALGORITHMS, "algorithms"),
+        algorithms=algorithms,
         compressions=_choices(args.compression, KNOWN_COMPRESSIONS, "compression"),
         compare=compare,
         repeat=args.repeat,
@@ -255,14 +286,21 @@ async def _worker(cfg: Config) -> None:
         """(wall seconds, CPU seconds of this process, all threads) of one call."""
         if library == "p2pdl":
             np.copyto(bufs.buf, bufs.src)
+            arena = node.collectives.shm if node.collectives is not None else None
+            kept = arena.host_usable if arena is not None else None
+            if algorithm == "hierarchical-loopback" and arena is not None:
+                arena.host_usable = False  # every rank alike: phases 1 and 3 over loopback
             await node.barrier()
             c0, t0 = time.process_time(), time.perf_counter()
             await node.allreduce(
                 bufs.buf,
-                algorithm=algorithm,
+                algorithm=algorithm.removesuffix("-loopback"),
                 compression=None if compression == "none" else compression,
             )
-            return time.perf_counter() - t0, time.process_time() - c0
+            elapsed = time.perf_counter() - t0, time.process_time() - c0
+            if algorithm == "hierarchical-loopback" and arena is not None:
+                arena.host_usable = kept
+            return elapsed
         if library == "gloo":
             assert bufs.gbuf is not None and dist is not None
             bufs.gbuf.numpy()[:] = bufs.src
@@ -281,6 +319,8 @@ async def _worker(cfg: Config) -> None:
     report: dict[str, Any] = {"sizes": []}
     async with node:
         assert node.rank == rank, (node.rank, rank)
+        if cfg.host_layout is not None and node.collectives is not None:
+            node.collectives.host_ids = list(cfg.host_layout)
         _tune(node, cfg)
         if cfg.gc == "freeze":
             import gc

@@ -303,16 +303,21 @@ class Collectives:
             await self.host_shm_usable(timeout)  # (host identities set after start)
         self.last_algorithm = chosen
         dtype = _DTYPE_NAMES.get(buf.dtype.char) or str(buf.dtype)
-        descriptor = f"allreduce({chosen}, {op}, {dtype}[{buf.size}], {compression})"
-        operation = Operation(self.group, "allreduce", descriptor, timeout or self.timeout)
-        ctx = self._context(
-            operation,
-            buf,
-            mean=op == "mean",
-            compression=compression,
-            on_slice=on_slice,
-            chunkwise=on_chunk is not None,
-        )
+
+        def prepare(algorithm: str) -> tuple[Operation, ReduceContext]:
+            descriptor = f"allreduce({algorithm}, {op}, {dtype}[{buf.size}], {compression})"
+            operation = Operation(self.group, "allreduce", descriptor, timeout or self.timeout)
+            ctx = self._context(
+                operation,
+                buf,
+                mean=op == "mean",
+                compression=compression,
+                on_slice=on_slice,
+                chunkwise=on_chunk is not None,
+            )
+            return operation, ctx
+
+        operation, ctx = prepare(chosen)
         if n == 1:
             if op == "mean" or compression:
                 await allreduce_direct(ctx)
@@ -338,21 +343,7 @@ class Collectives:
                     raise
                 log.warning("%s; this group's allreduces use the network from now on", exc)
                 self.last_algorithm = redo
-                retry = Operation(
-                    self.group,
-                    "allreduce",
-                    descriptor.replace(f"({chosen},", f"({redo},", 1),
-                    timeout or self.timeout,
-                )
-                ctx = self._context(
-                    retry,
-                    buf,
-                    mean=op == "mean",
-                    compression=compression,
-                    on_slice=on_slice,
-                    chunkwise=on_chunk is not None,
-                )
-                await self._run(retry, ctx, redo)
+                await self._run(*prepare(redo), redo)
         if local_copies:
             for other in buffers[1:]:
                 np.copyto(other, buf)

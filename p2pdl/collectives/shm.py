@@ -301,7 +301,8 @@ async def _allreduce_shm(ctx: ReduceContext, arena: ShmArena) -> None:
     if hi > lo:
         await ctx.reduce_chunk(buf[lo:hi], [theirs[p][lo:hi] for p in range(n)], final=True)
         await ctx.finish_slice(lo, hi)
-        np.copyto(mine[lo:hi], buf[lo:hi])
+        result, shared = buf[lo:hi], mine[lo:hi]
+        await ctx.compute.run(result.nbytes, lambda: np.copyto(shared, result))
     for p in peers:
         await op.send(p, 1)
     for p, arrival in zip(peers, reduced, strict=True):

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from p2pdl.launch.procs import stop_processes
 
 REPO = Path(__file__).resolve().parent.parent
 DEADLINE = 120.0
@@ -199,13 +200,7 @@ class Procs:
         return self.start(name, ["--leader", address, "--op-timeout", "30"], env, task_dir)
 
     def close(self) -> None:
-        for node in self.nodes:
-            if node.popen.poll() is None:
-                try:
-                    os.killpg(node.popen.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                node.popen.wait(10)
+        stop_processes([node.popen for node in self.nodes], grace=0.0)
 
     def logs(self) -> str:
         return "\n".join(node.log() for node in self.nodes)

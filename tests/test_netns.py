@@ -18,6 +18,7 @@ import pytest
 from p2pdl.errors import ConfigError
 from p2pdl.testing import netns
 from p2pdl.testing.netns import HostSpec, LinkSpec, NamespaceCluster, NetnsError
+from p2pdl.testing.netns.commands import _shape_commands
 
 REPO = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 10.0
@@ -189,15 +190,15 @@ def test_link_spec_parses_and_validates() -> None:
 
 def test_shaping_commands_put_netem_at_the_root_and_tbf_below() -> None:
     link = LinkSpec(rate="1gbit", delay="1ms")
-    cmds = netns._shape_commands("ns", "eth0", link, with_delay=True)
+    cmds = _shape_commands("ns", "eth0", link, with_delay=True)
     assert [c[c.index("dev") + 2 : c.index("dev") + 6] for c in cmds] == [
         ["root", "handle", "1:", "netem"],
         ["parent", "1:1", "handle", "10:"],
     ]
     assert "tbf" in cmds[1] and "1000000000bit" in cmds[1]
-    switch_side = netns._shape_commands("ns", "h0", link, with_delay=False)
+    switch_side = _shape_commands("ns", "h0", link, with_delay=False)
     assert len(switch_side) == 1 and "tbf" in switch_side[0] and "netem" not in switch_side[0]
-    assert netns._shape_commands("ns", "eth0", LinkSpec(), with_delay=True) == []
+    assert _shape_commands("ns", "eth0", LinkSpec(), with_delay=True) == []
 
 
 def test_cluster_plans_distinct_addresses_in_one_benchmark_slash24() -> None:

@@ -11,22 +11,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 
+from p2pdl.launch.procs import stop_processes
+
 RANK_ENV = "P2PDL_BENCH_RANK"
 WORLD_ENV = "P2PDL_BENCH_WORLD"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (good enough for a benchmark on loopback)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def mpi_status() -> str | None:
@@ -91,35 +84,15 @@ def run_workers(worker_argv: Sequence[str], nodes: int, *, use_mpirun: bool, tim
                 procs.remove(proc)
                 if code != 0 and status == 0:
                     status = code
-                    _stop(procs, grace=5.0)
+                    stop_processes(procs, grace=5.0)
                     procs.clear()
                     break  # (the others are stopped; iterating on would remove them twice)
             if time.monotonic() > deadline:
                 print(f"benchmark timed out after {timeout:.0f} s", file=sys.stderr)
-                _stop(procs, grace=2.0)
+                stop_processes(procs, grace=2.0)
                 return 124
             time.sleep(0.05)
     except BaseException:
-        _stop(procs, grace=2.0)
+        stop_processes(procs, grace=2.0)
         raise
     return status
-
-
-def _stop(procs: Sequence[subprocess.Popen], *, grace: float) -> None:
-    """SIGTERM the process groups we started, then SIGKILL what is left after `grace`."""
-    for proc in procs:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    end = time.monotonic() + grace
-    for proc in procs:
-        try:
-            proc.wait(max(0.0, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p2pdl.errors import P2PDLError
+from p2pdl.launch.procs import signal_group, stop_processes
 
 
 class ClusterError(P2PDLError):
@@ -210,7 +211,7 @@ class LocalCluster:
 
     def kill(self, rank: int, signum: int = signal.SIGKILL) -> None:
         """Send `signum` to rank's process group."""
-        _signal_group(self.nodes[rank].popen, signum)
+        signal_group(self.nodes[rank].popen, signum)
 
     def logs(self) -> str:
         return "\n".join(
@@ -222,17 +223,8 @@ class LocalCluster:
 
     def close(self) -> None:
         """Stop every process (SIGTERM, then SIGKILL) and reap it."""
+        stop_processes([node.popen for node in self.nodes], grace=5.0)
         for node in self.nodes:
-            if node.popen.poll() is None:
-                _signal_group(node.popen, signal.SIGTERM)
-        deadline = time.monotonic() + 5.0
-        for node in self.nodes:
-            try:
-                node.popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            _signal_group(node.popen, signal.SIGKILL)
-            node.popen.wait()
             if node.popen.stdout is not None:
                 node.popen.stdout.close()
 
@@ -245,13 +237,6 @@ class LocalCluster:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _signal_group(popen: subprocess.Popen[bytes], signum: int) -> None:
-    try:
-        os.killpg(popen.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def pid_alive(pid: int) -> bool:

@@ -13,16 +13,10 @@ import asyncio
 import os
 import secrets
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the leader binds it right away)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+from p2pdl.launch.procs import free_port, signal_group
 
 
 def cluster_env(rank: int, world_size: int, leader: str, secret: str) -> dict[str, str]:
@@ -77,11 +71,7 @@ async def _launch(
 
     def signal_all(signum: int) -> None:
         for proc in procs:
-            if proc.returncode is None:
-                try:
-                    os.killpg(proc.pid, signum)
-                except ProcessLookupError:
-                    pass
+            signal_group(proc, signum)
 
     interrupted: list[int] = []
 

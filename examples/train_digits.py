@@ -66,7 +66,7 @@ def make_task(partitions: int = 1, lr: float = 0.1) -> TorchTask:
         model_fn=make_model,
         loss_fn=torch.nn.functional.cross_entropy,
         dataset=(X_TRAIN, Y_TRAIN),
-        optimizer={"name": "sgd", "lr": lr, "momentum": 0.9, "nesterov": True},
+        optimizer={"kind": "sgd", "lr": lr, "momentum": 0.9, "nesterov": True},
         partitions=partitions,
         seed=SEED,
         eval_fn=accuracy,

@@ -14,9 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from p2pdl.config import Timeouts
+from p2pdl.config import NodeConfig, Timeouts, parse_address, parse_peers
 from p2pdl.errors import ConfigError, P2PDLError
-from p2pdl.membership import parse_address, parse_peers
 
 BENCHMARKS = ("kernels", "allreduce", "schedule", "train", "scaling")
 
@@ -26,11 +25,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def emit(event: str, **fields: Any) -> None:
-    """Print one machine-readable JSON line on stdout."""
-    print(json.dumps({"event": event, **fields}), flush=True)
 
 
 def read_secret(path: str | None) -> bytes | None:
@@ -87,11 +81,20 @@ def _node_parser(sub: Any) -> None:
     job = node.add_argument_group("training jobs (group scheduling)")
     job.add_argument("--job", metavar="MODULE:ATTR", help="the job spec to lead")
     job.add_argument("--bsp", action="store_true", help="one leader round trip per step")
+    job.add_argument(
+        "--spec",
+        action="append",
+        default=[],
+        metavar="FIELD=JSON",
+        help="replace a field of the task's job spec (repeatable), e.g. --spec epochs=3",
+    )
     job.add_argument("--group-size", default=None, help="steps per group, or 'auto'")
-    job.add_argument("--lookahead", type=int, default=1, help="groups pushed ahead")
+    job.add_argument("--lookahead", type=int, default=None, help="groups pushed ahead")
     job.add_argument("--min-nodes", type=int, help="stop when fewer nodes remain")
     job.add_argument("--checkpoint-dir", help="write boundary snapshots here")
-    job.add_argument("--checkpoint-every", type=int, default=10, help="groups between snapshots")
+    job.add_argument(
+        "--checkpoint-every", type=int, default=None, help="groups between checkpoints (10)"
+    )
     job.add_argument("--resume", action="store_true", help="restart from the last checkpoint")
     job.add_argument(
         "--stall-timeout",
@@ -158,31 +161,106 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------- node
-def _node_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
+def node_config(args: argparse.Namespace) -> NodeConfig:
+    """The node's configuration from its command line (and P2PDL_SECRET)."""
+    settings: dict[str, Any] = {
         "secret": read_secret(args.secret_file),
         "cluster_id": args.cluster_id,
         "insecure": args.insecure,
         "timeouts": Timeouts(connect=args.connect_timeout, operation=args.op_timeout),
+        "host": args.host,
+        "port": args.port,
     }
-    if args.host is not None:
-        kwargs["host"] = args.host
-    if args.port is not None:
-        if not 0 <= args.port <= 65535:
-            raise ConfigError(f"--port {args.port} is outside 0..65535")
-        kwargs["port"] = args.port
     if args.peers:
-        peers = parse_peers(args.peers)
         if args.rank is None:
             raise ConfigError("--peers needs --rank")
-        return {"rank": args.rank, "peers": peers, **kwargs}
+        return NodeConfig(rank=args.rank, peers=parse_peers(args.peers), **settings)
     if args.leader:
-        return {"rank": args.rank, "leader": parse_address(args.leader, "--leader"), **kwargs}
+        if args.rank == 0:
+            raise ConfigError("rank 0 is the leader: use --lead --nodes N")
+        return NodeConfig(
+            rank=args.rank,
+            leader=parse_address(args.leader, "--leader"),
+            world_size=args.nodes,
+            **settings,
+        )
     if args.lead:
         if args.nodes is None or args.nodes < 1:
             raise ConfigError("--lead needs --nodes N (N ≥ 1)")
-        return {"world_size": args.nodes, **kwargs}
+        if args.rank not in (None, 0):
+            raise ConfigError("the leader is rank 0")
+        return NodeConfig(world_size=args.nodes, **settings)
     raise ConfigError("give --peers with --rank, --leader host:port, or --lead --nodes N")
+
+
+JOB_FLAGS = (
+    "bsp",
+    "group_size",
+    "lookahead",
+    "min_nodes",
+    "checkpoint_dir",
+    "checkpoint_every",
+    "resume",
+    "spec",
+)
+
+
+def _spec_overrides(items: list[str]) -> dict[str, Any]:
+    """`--spec FIELD=JSON` values as a mapping (a bare word is a string)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--spec must look like FIELD=VALUE, got {item!r}")
+        try:
+            overrides[name.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[name.strip()] = text
+    return overrides
+
+
+def job_options(args: argparse.Namespace) -> Any:
+    """The training settings of `node` (`JobOptions`); leader flags only with --job."""
+    from p2pdl.schedule.runtime import JobOptions
+
+    group_size: int | str | None = None
+    if args.group_size is not None:
+        if args.group_size == "auto":
+            group_size = "auto"
+        else:
+            try:
+                group_size = int(args.group_size)
+            except ValueError:
+                raise ConfigError(
+                    f"--group-size must be an integer or 'auto', got {args.group_size!r}"
+                ) from None
+    values: dict[str, Any] = {
+        "job": args.job,
+        "bsp": args.bsp,
+        "group_size": group_size,
+        "min_nodes": args.min_nodes,
+        "checkpoint_dir": args.checkpoint_dir,
+        "resume": args.resume,
+        "stall_timeout": args.stall_timeout,
+        "nodes": args.nodes or 1,
+        "job_overrides": _spec_overrides(args.spec),
+    }
+    if args.lookahead is not None:
+        values["lookahead"] = args.lookahead
+    if args.checkpoint_every is not None:
+        values["checkpoint_every"] = args.checkpoint_every
+    return JobOptions(**values)
+
+
+def _check_job_flags(args: argparse.Namespace) -> None:
+    """Training flags need a training node: --job (the leader) or a joiner of a job."""
+    given = [
+        "--" + name.replace("_", "-")
+        for name in JOB_FLAGS
+        if getattr(args, name) not in (None, False, [])
+    ]
+    if given and not args.job:
+        raise ConfigError(f"{', '.join(given)} only apply to a training job: add --job MODULE:ATTR")
 
 
 def _resolve(reference: str) -> Any:
@@ -199,8 +277,9 @@ def _resolve(reference: str) -> Any:
         raise ConfigError(f"{module_name} has no attribute {attr!r}") from None
 
 
-async def _serve_node(args: argparse.Namespace) -> int:
+async def _serve_node(args: argparse.Namespace, config: NodeConfig) -> int:
     from p2pdl.node import Node
+    from p2pdl.schedule.runtime import emit
 
     run = _resolve(args.run) if args.run else None
     try:
@@ -209,7 +288,7 @@ async def _serve_node(args: argparse.Namespace) -> int:
         raise ConfigError(f"--run-args is not JSON: {exc}") from None
     if not isinstance(run_args, dict):
         raise ConfigError("--run-args must be a JSON object")
-    node = Node(**_node_kwargs(args))
+    node = Node(config=config)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -246,25 +325,19 @@ async def _serve_node(args: argparse.Namespace) -> int:
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
+    """One node: a job's leader (--job), a joiner that follows whatever its leader runs
+    (--leader without --run: a job's worker or a plain member), or a plain node."""
     import uvloop
 
-    if args.job or (args.leader and args.run is None and args.job is None and _job_runtime()):
-        return _run_job(args)
-    return uvloop.run(_serve_node(args))
+    _check_job_flags(args)
+    config = node_config(args)
+    if args.job or (config.mode == "join" and args.run is None):
+        from p2pdl.schedule.runtime import run_job_node
 
-
-def _job_runtime() -> bool:
-    """True when the group-scheduling runtime is installed (workers then follow the leader)."""
-    return importlib.util.find_spec("p2pdl.schedule.runtime") is not None
-
-
-def _run_job(args: argparse.Namespace) -> int:
-    import uvloop
-
-    from p2pdl.schedule import runtime
-
-    options = runtime.JobNodeOptions.from_cli(args, _node_kwargs(args))
-    return uvloop.run(runtime.run_job_node(options))
+        if args.run is not None:
+            raise ConfigError("--run and --job exclude each other")
+        return uvloop.run(run_job_node(config, job_options(args)))
+    return uvloop.run(_serve_node(args, config))
 
 
 # ----------------------------------------------------------------------------- launch

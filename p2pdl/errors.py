@@ -45,10 +45,15 @@ class ProtocolError(P2PDLError):
 
 
 class AuthenticationError(P2PDLError):
-    """The handshake failed: wrong secret, wrong cluster, wrong version or wrong rank."""
+    """The handshake failed: wrong secret, wrong cluster, wrong version or wrong rank.
 
-    def __init__(self, message: str, *, rank: int | None = None) -> None:
+    `retry` marks a refusal that may pass later (an authenticated peer dialled for a
+    membership epoch the listener has not reached yet).
+    """
+
+    def __init__(self, message: str, *, rank: int | None = None, retry: bool = False) -> None:
         self.rank = rank
+        self.retry = retry
         super().__init__(message)
 
 
@@ -64,8 +69,12 @@ class PeerLostError(P2PDLError):
         super().__init__(f"lost {_ranks_text(self.ranks)}{what}{more}")
 
 
-class CollectiveTimeoutError(P2PDLError, TimeoutError):
-    """An operation's deadline passed; `missing` names the ranks that had not delivered."""
+class CollectiveTimeoutError(P2PDLError):
+    """An operation's deadline passed; `missing` names the ranks that had not delivered.
+
+    Deliberately not a `TimeoutError`: asyncio's own timeouts are `TimeoutError`s, and code
+    that waits on something else must never mistake a collective's timeout for its own.
+    """
 
     def __init__(self, operation: str, timeout: float, missing: Iterable[int]) -> None:
         self.operation = operation
@@ -81,6 +90,7 @@ class CollectiveMismatchError(P2PDLError, ValueError):
 
     def __init__(self, operation: str, detail: str, ranks: Iterable[int]) -> None:
         self.operation = operation
+        self.detail = detail
         self.ranks = tuple(sorted(set(ranks)))
         super().__init__(f"{operation}: {detail} (disagreeing: {_ranks_text(self.ranks)})")
 

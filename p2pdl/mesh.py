@@ -70,7 +70,12 @@ class Listener:
         return link
 
     def prepare(self, epoch: int, rank: int, world_size: int) -> None:
-        """Expect the higher ranks of membership `epoch` before anyone dials them."""
+        """Expect the higher ranks of membership `epoch` before anyone dials them (what was
+        expected for an earlier epoch is forgotten)."""
+        for future in self._expected.values():
+            if not future.done():
+                future.cancel()
+        self._expected.clear()
         self.mesh_epoch = epoch
         self.configure(rank)
         for peer in range(rank + 1, world_size):
@@ -100,11 +105,16 @@ class Listener:
         rank = hello["rank"]
         if rank == -1 and hello.get("join") and self.join_handler is not None:
             return {}
-        if hello.get("mesh_epoch", 0) != self.mesh_epoch:
+        epoch = hello.get("mesh_epoch", 0)
+        if epoch != self.mesh_epoch:
+            # A peer that is ahead (it heard of the new epoch first) dials again; one that
+            # is behind dials for a membership that is over.
+            ahead = isinstance(epoch, int) and epoch > self.mesh_epoch
             raise AuthenticationError(
-                f"rank {rank} dials for membership epoch {hello.get('mesh_epoch')!r}, "
+                f"rank {rank} dials for membership epoch {epoch!r}, "
                 f"this node is in epoch {self.mesh_epoch}",
                 rank=rank,
+                retry=ahead,
             )
         future = self._expected.get(rank)
         if future is None:
@@ -123,7 +133,7 @@ class Listener:
             self.rejected += 1
             claimed = hello["rank"] if hello else None
             log.info("turned away a connection: %s", exc or "handshake timed out")
-            if isinstance(exc, AuthenticationError) and exc.rank is not None:
+            if isinstance(exc, AuthenticationError) and exc.rank is not None and not exc.retry:
                 future = self._expected.get(exc.rank)
                 if future is not None and not future.done():
                     future.set_exception(exc)
@@ -210,10 +220,13 @@ class Mesh:
         self._op_counter += 1
         return self._op_counter
 
-    async def connect(self) -> None:
-        """Dial lower ranks and wait for higher ones, within `timeouts.connect`."""
+    async def connect(self, deadline: float | None = None) -> None:
+        """Dial lower ranks and wait for higher ones, by `deadline` (loop time; default
+        `timeouts.connect` from now)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeouts.connect
+        if deadline is None:
+            deadline = loop.time() + self.timeouts.connect
+        allowed = max(0.0, deadline - loop.time())
         incoming = {r: self.listener.expect(r) for r in range(self.rank + 1, self.world_size)}
         self.listener.configure(self.rank)
         dials = {r: asyncio.ensure_future(self._dial(r, deadline)) for r in range(self.rank)}
@@ -225,7 +238,7 @@ class Mesh:
         except TimeoutError:
             missing = [r for r, f in pending.items() if not f.done() or f.cancelled()]
             raise CollectiveTimeoutError(
-                f"rank {self.rank} connecting to the cluster", self.timeouts.connect, missing
+                f"rank {self.rank} connecting to the cluster", allowed, missing
             ) from None
         finally:
             for future in pending.values():
@@ -235,6 +248,8 @@ class Mesh:
     async def _dial(self, rank: int, deadline: float) -> Link:
         host, port = self.addresses[rank]
         creds = self.listener.creds
+        loop = asyncio.get_running_loop()
+        delay = 0.01
         while True:
             link = await dial(host, port, self.listener.limits, deadline, label=f"rank {rank}")
             try:
@@ -243,8 +258,15 @@ class Mesh:
             except PeerLostError:
                 # The peer went away mid-handshake (it may be restarting): try again.
                 link.close()
-                if asyncio.get_running_loop().time() >= deadline:
+                if loop.time() >= deadline:
                     raise
+            except AuthenticationError as exc:
+                link.close()
+                if not exc.retry or loop.time() + delay >= deadline:
+                    raise
+                # The peer has not reached this epoch yet: back off, then dial again.
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.25)
             except P2PDLError:
                 link.close()
                 raise
@@ -271,10 +293,8 @@ class Mesh:
         return lambda: self._watchers.remove(callback) if callback in self._watchers else None
 
     def link(self, rank: int) -> Link:
-        """The link to `rank`, or PeerLostError if it is gone."""
-        error = self.lost.get(rank)
-        if error is not None:
-            raise error
+        """The link to `rank`, also once it is lost: frames it delivered before it went stay
+        receivable, and everything else fails with the link's error."""
         return self.links[rank]
 
     async def close(self) -> None:

@@ -3,48 +3,100 @@
     with p2pdl.connect() as node:        # settings from arguments or P2PDL_* / RANK… env
         node.allreduce(array)            # blocks until the result is in `array`
 
-Every call hands a coroutine to the loop thread and waits for it; the operation's own
-deadline bounds the wait, so no call can block forever.
+Every call hands a coroutine to the loop thread (`LoopBridge`, the one sync bridge: the torch
+integration uses it too) and waits for it; the call's own deadline bounds the wait, so no
+call can block forever. The library does not choose the event loop: the loop comes from
+`loop_factory` (default: `asyncio.new_event_loop`, which honours an installed policy such
+as `uvloop.install()`).
+
+Leaving: a node closes politely (queued frames first, then a goodbye) on `close()`, at the
+end of a `with` block, at interpreter exit, and — when `connect` installed its handler — on
+SIGTERM, so a program may end right after its last collective without failing the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
+import signal
 import threading
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from p2pdl.node import Node
 
+__all__ = ["LoopBridge", "SyncNode", "bridge_of", "connect"]
+
 T = TypeVar("T")
 
-_GRACE = 5.0
+GRACE = 5.0
 """Seconds a blocking call waits beyond its operation deadline for the loop to answer."""
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
+class LoopBridge:
+    """Runs coroutines on an event loop that another thread runs, and waits for them."""
 
-        return uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.new_event_loop()
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        """Start `coro` on the loop without waiting (for overlapping work)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine[Any, Any, T], wait: float | None) -> T:
+        """Run `coro` on the loop and wait up to `wait` seconds (None: no limit) for it."""
+        if threading.current_thread() is getattr(self.loop, "_p2pdl_thread", None):
+            coro.close()
+            raise RuntimeError("a blocking p2pdl call was made on the node's own loop thread")
+        future = self.submit(coro)
+        try:
+            return future.result(wait)
+        except BaseException:
+            future.cancel()
+            raise
+
+
+def wait_for(node: Node, timeout: float | None) -> float:
+    """How long a blocking call waits: its operation deadline, plus a grace for the loop."""
+    return (node.timeouts.operation if timeout is None else max(0.0, timeout)) + GRACE
+
+
+_OPEN: weakref.WeakSet[SyncNode] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Close every node still open at interpreter exit, politely (see the module docstring)."""
+    for node in list(_OPEN):
+        with contextlib.suppress(Exception):
+            node.close()
 
 
 class SyncNode:
     """A `Node` driven from synchronous code; the loop lives in a daemon thread."""
 
-    def __init__(self, node_factory: Callable[[], Node]) -> None:
-        self._loop = _new_loop()
+    def __init__(
+        self,
+        node_factory: Callable[[], Node],
+        *,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+    ) -> None:
+        self._loop = (loop_factory or asyncio.new_event_loop)()
         self._thread = threading.Thread(target=self._run_loop, name="p2pdl-loop", daemon=True)
+        self._loop._p2pdl_thread = self._thread  # type: ignore[attr-defined]
+        self.bridge = LoopBridge(self._loop)
         self._thread.start()
         self._closed = False
+        self._sigterm: Any = None
         try:
-            self.node: Node = self._call(self._start(node_factory), None)
+            self.node: Node = self.bridge.call(self._start(node_factory), None)
         except BaseException:
             self._stop_loop()
             raise
+        _OPEN.add(self)
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -55,20 +107,12 @@ class SyncNode:
         node = node_factory()
         return await node.start()
 
-    def _call(self, coro: Awaitable[T], timeout: float | None) -> T:
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
-        try:
-            return future.result(timeout)
-        except BaseException:
-            future.cancel()
-            raise
-
-    def _deadline(self, timeout: float | None) -> float:
-        return (timeout or self.node.timeouts.operation) + _GRACE
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        return self.bridge.call(coro, wait_for(self.node, timeout))
 
     def submit(self, coro: Awaitable[T]) -> Future[T]:
         """Start a coroutine on the node's loop without waiting (for overlapping work)."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+        return self.bridge.submit(coro)  # type: ignore[arg-type]
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -86,40 +130,63 @@ class SyncNode:
     def address(self) -> tuple[str, int]:
         return self.node.address
 
+    @property
+    def timeouts(self) -> Any:
+        return self.node.timeouts
+
     def allreduce(self, array: Any, op: str = "sum", algorithm: str = "auto", **kwargs: Any) -> Any:
         """Blocking `Node.allreduce` (in place; returns `array`)."""
-        timeout = kwargs.get("timeout")
         return self._call(
-            self.node.allreduce(array, op, algorithm, **kwargs), self._deadline(timeout)
+            self.node.allreduce(array, op, algorithm, **kwargs), kwargs.get("timeout")
         )
 
     def reduce_scatter(self, array: Any, op: str = "sum", **kwargs: Any) -> tuple[int, int]:
-        return self._call(
-            self.node.reduce_scatter(array, op, **kwargs), self._deadline(kwargs.get("timeout"))
-        )
+        return self._call(self.node.reduce_scatter(array, op, **kwargs), kwargs.get("timeout"))
 
     def allgather(self, array: Any, **kwargs: Any) -> Any:
-        return self._call(self.node.allgather(array, **kwargs), self._deadline(None))
+        return self._call(self.node.allgather(array, **kwargs), kwargs.get("timeout"))
 
     def broadcast(self, array: Any, root: int = 0, **kwargs: Any) -> Any:
-        return self._call(
-            self.node.broadcast(array, root, **kwargs), self._deadline(kwargs.get("timeout"))
-        )
+        return self._call(self.node.broadcast(array, root, **kwargs), kwargs.get("timeout"))
 
     def barrier(self, **kwargs: Any) -> None:
-        self._call(self.node.barrier(**kwargs), self._deadline(kwargs.get("timeout")))
+        self._call(self.node.barrier(**kwargs), kwargs.get("timeout"))
 
+    # ---------------------------------------------------------------------- closing
     def close(self) -> None:
-        """Close the node and stop the loop thread (idempotent)."""
+        """Close the node politely and stop the loop thread (idempotent)."""
         if self._closed:
             return
         self._closed = True
+        _OPEN.discard(self)
+        self._restore_sigterm()
         try:
-            self._call(self.node.close(), self.node.timeouts.shutdown + _GRACE)
+            if self._thread.is_alive():
+                self.bridge.call(self.node.close(), self.node.timeouts.shutdown + GRACE)
         finally:
             self._stop_loop()
 
+    def handle_sigterm(self) -> None:
+        """On SIGTERM, raise SystemExit in the main thread so that `with` blocks and the
+        exit hook close the node politely (only when SIGTERM has its default action)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            raise SystemExit(128 + signum)
+
+        self._sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _restore_sigterm(self) -> None:
+        if self._sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
+
     def _stop_loop(self) -> None:
+        if self._loop.is_closed():
+            return
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
@@ -132,8 +199,29 @@ class SyncNode:
         self.close()
 
 
-def connect(*args: Any, **kwargs: Any) -> SyncNode:
-    """A connected blocking node: `Node(*args, **kwargs)`, or from the environment if empty."""
-    if not args and not any(k in kwargs for k in ("peers", "leader", "world_size")):
-        return SyncNode(lambda: Node.from_env(**kwargs))
-    return SyncNode(lambda: Node(*args, **kwargs))
+def bridge_of(node: Any, loop: asyncio.AbstractEventLoop | None = None) -> LoopBridge | None:
+    """The bridge that runs `node`'s coroutines from synchronous code: a `SyncNode`'s own,
+    or one onto `loop` for an asyncio `Node` whose loop runs in another thread; None for an
+    asyncio `Node` without its loop (then only the async methods work)."""
+    if isinstance(node, SyncNode):
+        return node.bridge
+    if loop is not None:
+        return LoopBridge(loop)
+    return None
+
+
+def connect(
+    *args: Any,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+    handle_sigterm: bool = True,
+    **settings: Any,
+) -> SyncNode:
+    """A connected blocking node: `Node(*args, **settings)`, from the environment unless the
+    arguments say how to find the peers (peers, leader or world_size)."""
+    if not args and not any(k in settings for k in ("peers", "leader", "world_size", "config")):
+        node = SyncNode(lambda: Node.from_env(**settings), loop_factory=loop_factory)
+    else:
+        node = SyncNode(lambda: Node(*args, **settings), loop_factory=loop_factory)
+    if handle_sigterm:
+        node.handle_sigterm()
+    return node

@@ -72,6 +72,10 @@ class Link(asyncio.BufferedProtocol):
         self.rank: int | None = None
         self.authenticated = False
         self.lost: P2PDLError | None = None
+        self.departed = False
+        """The peer said goodbye: every frame it sent came before that, and no more will."""
+        self.closed_here = False
+        """This side closed the link (its node is leaving): nothing may use it any more."""
         self.closed = asyncio.get_running_loop().create_future()
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -150,7 +154,7 @@ class Link(asyncio.BufferedProtocol):
     def _process(self) -> None:
         reader = self._reader
         try:
-            while True:
+            while self.lost is None:
                 event = reader.poll()
                 if event is None:
                     return
@@ -182,6 +186,9 @@ class Link(asyncio.BufferedProtocol):
             return True
         tag = header.get("t")
         if not isinstance(tag, int):
+            if header.get("bye") is True and not head.payload_len:
+                self._reader.provide(memoryview(b""))
+                return True
             raise ProtocolError(f"frame without an integer tag: {sorted(header)}")
         posted = self._posted.get(tag)
         if posted is None:
@@ -232,7 +239,16 @@ class Link(asyncio.BufferedProtocol):
         if self._handshake_frame:  # already queued for the handshake when its header came
             self._handshake_frame = False
             return
-        tag = frame.header["t"]
+        tag = frame.header.get("t")
+        if tag is None:  # the peer's goodbye
+            self.departed = True
+            self._fail(
+                PeerLostError(
+                    [self.rank] if self.rank is not None else [], f"{self.label} closed its node"
+                ),
+                keep_open=True,
+            )
+            return
         buffer = frame.payload.obj
         posted = self._posted.pop(tag, None)
         if posted is not None and posted.view is not None and buffer is posted.view.obj:
@@ -293,14 +309,16 @@ class Link(asyncio.BufferedProtocol):
         future: asyncio.Future[tuple[dict[str, Any], memoryview]] = self._loop.create_future()
         if view is not None and view.format != "B":
             view = view.cast("B")
-        if self.lost is not None:
-            future.set_exception(self.lost)
-            return future
         early = self._early.pop(tag, None)
         if early is not None:
+            # Frames that arrived complete stay deliverable after the peer left: it sent
+            # them before it went, and the receiver may still need them.
             header, buffer = early
             self._early_bytes -= len(buffer)
             self._fill(future, tag, header, buffer, view, check)
+            return future
+        if self.lost is not None:
+            future.set_exception(self.lost)
             return future
         if tag in self._posted:
             raise RuntimeError(f"tag {tag} is already posted on the link to {self.label}")
@@ -426,6 +444,13 @@ class Link(asyncio.BufferedProtocol):
         if self.lost is None and self._transport is not None:
             self._transport.write(encode_head(header, 0))
 
+    def local_host(self) -> str | None:
+        """This end's address on the connection."""
+        if self._transport is None:
+            return None
+        sockname = self._transport.get_extra_info("sockname")
+        return str(sockname[0]) if sockname else None
+
     # ------------------------------------------------------------------------ handshake
     async def next_handshake_message(self) -> dict[str, Any]:
         getter = asyncio.ensure_future(self._handshake_queue.get())
@@ -454,7 +479,8 @@ class Link(asyncio.BufferedProtocol):
             if not posted.future.done():
                 posted.future.set_exception(error)
         self._posted.clear()
-        self._early.clear()
+        if isinstance(error, (ProtocolError, AuthenticationError)):
+            self._early.clear()  # from a peer that broke the protocol: nothing is trusted
         waiters, self._drain_waiters = self._drain_waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -466,6 +492,7 @@ class Link(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         """Close the connection now; pending receives fail with PeerLostError."""
+        self.closed_here = True
         self._fail(PeerLostError([self.rank] if self.rank is not None else [], "closed locally"))
 
     async def shutdown(self, timeout: float) -> None:
@@ -477,8 +504,13 @@ class Link(asyncio.BufferedProtocol):
         kernel drop what it had not read yet: the abort frame that named the rank that really
         failed would be lost, and the peer would blame this rank instead.
         """
+        self.closed_here = True
         transport = self._transport
         if self.lost is None and transport is not None and not transport.is_closing():
+            if self.authenticated:
+                # Goodbye first: the peer learns that everything this node owed it came
+                # before, and names a departure (not a crash) if it still waits for more.
+                transport.write(encode_head({"bye": True}, 0))
             self._fail(
                 PeerLostError([self.rank] if self.rank is not None else [], "closed locally"),
                 keep_open=True,
@@ -542,8 +574,8 @@ def _check_hello(hello: dict[str, Any], creds: Credentials) -> None:
         raise AuthenticationError("one side has a shared secret and the other has none")
 
 
-def _reject(link: Link, reason: str) -> None:
-    link.send_nowait({"h": "reject", "reason": reason[:200]})
+def _reject(link: Link, reason: str, *, retry: bool = False) -> None:
+    link.send_nowait({"h": "reject", "reason": reason[:200], "retry": retry})
 
 
 async def dial_handshake(
@@ -591,7 +623,9 @@ async def dial_handshake(
     final = await link.next_handshake_message()
     if final.get("h") != "welcome":
         raise AuthenticationError(
-            f"rejected by rank {reply['rank']}: {final.get('reason')}", rank=reply["rank"]
+            f"rejected by rank {reply['rank']}: {final.get('reason')}",
+            rank=reply["rank"],
+            retry=final.get("retry") is True,
         )
     return final
 
@@ -648,7 +682,7 @@ async def accept_handshake(
     try:
         extra = admit(hello)
     except (AuthenticationError, ProtocolError) as exc:
-        _reject(link, str(exc))
+        _reject(link, str(exc), retry=getattr(exc, "retry", False))
         raise
     link.mark_authenticated(hello["rank"])
     await link.send({"h": "welcome", **extra})

@@ -67,6 +67,40 @@ class Frame:
     payload: memoryview
 
 
+MAX_MESSAGE = 1024 * 1024
+"""Default cap on one control message (a msgpack map carried as a frame's payload)."""
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+def unpack_message(data: bytes | bytearray | memoryview, *, max_bytes: int = MAX_MESSAGE) -> Any:
+    """Decode one msgpack value of plain types with explicit limits (no extension types).
+
+    The limits bound what a hostile sender can make the decoder allocate: no string, byte
+    string, array or map can be longer than the message itself.
+    """
+    size = len(data) if not isinstance(data, memoryview) else data.nbytes
+    if size > max_bytes:
+        raise ProtocolError(f"message of {size} bytes exceeds the limit {max_bytes}")
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=size,
+            max_bin_len=size,
+            max_array_len=size,
+            max_map_len=size,
+            max_ext_len=0,
+            ext_hook=_no_ext,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"undecodable message: {type(exc).__name__}: {exc}") from None
+
+
 def _unpack_header(raw: memoryview) -> dict[str, Any]:
     try:
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)

@@ -507,11 +507,11 @@ def test_bad_input_raises_before_anything_is_sent() -> None:
     async def body() -> None:
         async with make_cluster(3) as nodes:
             for what, call, error in BAD_CALLS:
-                counter = nodes[0].mesh._op_counter
+                counter = nodes[0].session.mesh._op_counter
                 with pytest.raises(error):
                     await call(nodes[0])
                 # Nothing was numbered or sent: the ranks are still aligned.
-                assert nodes[0].mesh._op_counter == counter, what
+                assert nodes[0].session.mesh._op_counter == counter, what
             arrays = [np.full(10, 1.0 + r, np.float32) for r in range(3)]
             await allreduce_all(nodes, arrays)
             assert all(np.all(a == 6.0) for a in arrays)
@@ -707,8 +707,8 @@ def test_link_closed_mid_collective(algorithm: str) -> None:
             ]
             for _ in range(5):
                 await asyncio.sleep(0)
-            nodes[2].mesh.links[0].close()
-            nodes[2].mesh.links[1].close()
+            nodes[2].session.mesh.links[0].close()
+            nodes[2].session.mesh.links[1].close()
             results = await asyncio.gather(*tasks, return_exceptions=True)
             for rank, result in enumerate(results):
                 assert isinstance(result, PeerLostError), (rank, result)

@@ -9,10 +9,12 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from p2pdl.collectives.sharded import OptimizerConfig
+from p2pdl.config import NodeConfig
 from p2pdl.errors import ConfigError, ProtocolError
-from p2pdl.schedule.protocol import decode, encode
-from p2pdl.schedule.runtime import JobNodeOptions
-from p2pdl.schedule.task import OptimizerConfig
+from p2pdl.schedule.protocol import check
+from p2pdl.schedule.runtime import JobOptions
+from p2pdl.wire import unpack_message
 from tests.sched_helpers import Procs, write_task
 
 JOB = "sched_task:task"
@@ -30,7 +32,11 @@ def test_control_messages_round_trip_and_are_validated() -> None:
         "t_wait": 0.0,
         "t_boundary": 0.0,
     }
-    assert decode(encode(message)) == message
+
+    def decode(data: bytes, sender: int | None = None) -> dict:
+        return check(unpack_message(data), sender=sender)
+
+    assert decode(msgpack.packb(message)) == message
     with pytest.raises(ProtocolError, match="without field 'group'"):
         decode(msgpack.packb({**{k: v for k, v in message.items() if k != "group"}}))
     with pytest.raises(ProtocolError, match="unknown control message kind"):
@@ -41,11 +47,15 @@ def test_control_messages_round_trip_and_are_validated() -> None:
         decode(msgpack.packb({**message, "steps": True}))
     with pytest.raises(ProtocolError, match="undecodable"):
         decode(b"\xc1garbage", sender=3)
+    with pytest.raises(ProtocolError, match="ext"):  # no extension types, ever
+        decode(msgpack.packb({"k": "ping", "x": msgpack.ExtType(1, b"code")}))
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        unpack_message(msgpack.packb({"k": "ping", "pad": "x" * 64}), max_bytes=32)
 
 
 def test_optimizer_config_is_validated() -> None:
     assert OptimizerConfig.from_mapping({"kind": "sgd", "momentum": 0.9}).state_names == (
-        "momentum",
+        "momentum_buffer",
     )
     assert OptimizerConfig.from_mapping({"kind": "adamw", "amsgrad": True}).state_names == (
         "exp_avg",
@@ -55,18 +65,24 @@ def test_optimizer_config_is_validated() -> None:
     with pytest.raises(ConfigError, match="nesterov"):
         OptimizerConfig.from_mapping({"kind": "sgd", "nesterov": True})
     with pytest.raises(ConfigError, match="unknown field"):
-        OptimizerConfig.from_mapping({"kind": "sgd", "lr": 0.1})
+        OptimizerConfig.from_mapping({"kind": "sgd", "learning_rate": 0.1})
+    with pytest.raises(ConfigError, match="momentum"):  # the stricter rule of the two old ones
+        OptimizerConfig.from_mapping({"kind": "sgd", "momentum": 1.5})
 
 
 def test_job_node_options_are_validated() -> None:
+    leader = NodeConfig(world_size=2)
+    joiner = NodeConfig(leader=("127.0.0.1", 5000))
     with pytest.raises(ConfigError, match="needs a job"):
-        JobNodeOptions(lead=True)
-    with pytest.raises(ConfigError, match="leader's address"):
-        JobNodeOptions(lead=False)
+        JobOptions().check_role(leader)
+    with pytest.raises(ConfigError, match=r"leads .* or joins"):
+        JobOptions(job="a:b").check_role(NodeConfig(rank=0, peers=[("127.0.0.1", 1)]))
+    with pytest.raises(ConfigError, match="the leader's settings"):
+        JobOptions(job="a:b", bsp=True).check_role(joiner)
     with pytest.raises(ConfigError, match="--resume needs --checkpoint-dir"):
-        JobNodeOptions(lead=True, job="a:b", resume=True)
+        JobOptions(job="a:b", resume=True)
     with pytest.raises(ConfigError, match="without a shared secret"):
-        JobNodeOptions(lead=True, job="a:b", host="0.0.0.0")
+        NodeConfig(world_size=2, host="0.0.0.0")
 
 
 # ------------------------------------------------------------------------ processes

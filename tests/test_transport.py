@@ -60,7 +60,7 @@ def test_authenticated_peers_barrier_and_broadcast() -> None:
             for node in nodes:
                 for peer in range(3):
                     if peer != node.rank:
-                        link = node.mesh.link(peer)
+                        link = node.session.mesh.link(peer)
                         assert link.authenticated and link.rank == peer
             await on_all(nodes, lambda node: node.barrier())
             for root in range(3):
@@ -79,8 +79,8 @@ def test_frames_before_their_buffer_is_posted() -> None:
 
     async def body() -> None:
         async with make_cluster(2) as nodes:
-            to0 = nodes[1].mesh.link(0)
-            at0 = nodes[0].mesh.link(1)
+            to0 = nodes[1].session.mesh.link(0)
+            at0 = nodes[0].session.mesh.link(1)
             small = np.arange(100, dtype=np.float32)
             large = np.arange(1 << 20, dtype=np.float32)  # 4 MiB > eager_payload
             # Tags below 1 << 24 are never used by collectives.
@@ -118,7 +118,7 @@ def test_closing_node_delivers_its_queued_frames_despite_unread_data() -> None:
 
     async def body() -> None:
         async with make_cluster(2) as nodes:
-            to1, at1 = nodes[0].mesh.link(1), nodes[1].mesh.link(0)
+            to1, at1 = nodes[0].session.mesh.link(1), nodes[1].session.mesh.link(0)
             big = np.arange(4 << 20, dtype=np.float32)  # 16 MiB: more than socket buffers hold
             unread = asyncio.ensure_future(at1.send({"t": 1}, memoryview(big).cast("B")))
             queued = asyncio.ensure_future(to1.send({"t": 2}, memoryview(big).cast("B")))
@@ -132,7 +132,8 @@ def test_closing_node_delivers_its_queued_frames_despite_unread_data() -> None:
             assert header["t"] == 3 and view.nbytes == 0
             await closing  # returns once node 1 closed its side too (it saw EOF)
             await wait_until(lambda: at1.lost is not None)
-            assert "closed by peer" in str(at1.lost), at1.lost  # EOF, not "reset by peer"
+            # The goodbye (sent after the queued frames, before FIN), not "reset by peer".
+            assert at1.departed and "closed its node" in str(at1.lost), at1.lost
             await asyncio.gather(unread, queued, return_exceptions=True)
 
     run(body())
@@ -237,7 +238,7 @@ def test_hostile_client_is_turned_away_and_the_cluster_serves_on(kind: str) -> N
         loop = asyncio.get_running_loop()
         async with make_cluster(3, timeouts=short_timeouts(handshake=HANDSHAKE)) as nodes:
             await allreduce_check(nodes)
-            rejected = [node.listener.rejected for node in nodes]
+            rejected = [node.endpoint.listener.rejected for node in nodes]
             tracemalloc.start()
             try:
                 # One hostile connection to every node. No node can have accepted one before
@@ -261,7 +262,8 @@ def test_hostile_client_is_turned_away_and_the_cluster_serves_on(kind: str) -> N
                 closed_after = loop.time() - opened
                 await wait_until(
                     lambda: all(
-                        n.listener.rejected == r + 1 for n, r in zip(nodes, rejected, strict=True)
+                        n.endpoint.listener.rejected == r + 1
+                        for n, r in zip(nodes, rejected, strict=True)
                     )
                 )
                 _current, peak = tracemalloc.get_traced_memory()
@@ -277,7 +279,9 @@ def test_hostile_client_is_turned_away_and_the_cluster_serves_on(kind: str) -> N
                 # Nothing but handshake frames ever goes to an unauthenticated client.
                 assert reply == b"" or reply.startswith(MAGIC)
             for node in nodes:
-                assert not any(not link.authenticated for link in node.listener._open_links)
+                assert not any(
+                    not link.authenticated for link in node.endpoint.listener._open_links
+                )
             await allreduce_check(nodes)
 
     run(body())
@@ -286,7 +290,7 @@ def test_hostile_client_is_turned_away_and_the_cluster_serves_on(kind: str) -> N
 def test_hostile_clients_all_at_once() -> None:
     async def body() -> None:
         async with make_cluster(3, timeouts=short_timeouts(handshake=HANDSHAKE)) as nodes:
-            rejected = nodes[0].listener.rejected
+            rejected = nodes[0].endpoint.listener.rejected
             connections = [await asyncio.open_connection(*nodes[0].address) for _ in HOSTILE]
             for (_reader, writer), data in zip(connections, HOSTILE.values(), strict=True):
                 writer.write(data)
@@ -295,7 +299,7 @@ def test_hostile_clients_all_at_once() -> None:
                 await allreduce_check(nodes, size=100_000)
             async with asyncio.timeout(30):
                 await asyncio.gather(*closing)
-            await wait_until(lambda: nodes[0].listener.rejected == rejected + len(HOSTILE))
+            await wait_until(lambda: nodes[0].endpoint.listener.rejected == rejected + len(HOSTILE))
             for _reader, writer in connections:
                 writer.close()
             await allreduce_check(nodes)
@@ -309,7 +313,7 @@ def test_client_with_a_bad_proof_is_rejected(mac: object) -> None:
 
     async def body() -> None:
         async with make_cluster(2, timeouts=short_timeouts(handshake=5.0)) as nodes:
-            rejected = nodes[0].listener.rejected
+            rejected = nodes[0].endpoint.listener.rejected
             reader, writer = await asyncio.open_connection(*nodes[0].address)
             writer.write(_hello(rank=1))
             head = await reader.readexactly(len(encode_head({})))  # the server's hello begins
@@ -318,8 +322,8 @@ def test_client_with_a_bad_proof_is_rejected(mac: object) -> None:
             reply = await read_until_closed(reader)
             writer.close()
             assert b"reject" in reply
-            await wait_until(lambda: nodes[0].listener.rejected == rejected + 1)
-            assert nodes[0].mesh.link(1).authenticated  # the real rank 1 is still connected
+            await wait_until(lambda: nodes[0].endpoint.listener.rejected == rejected + 1)
+            assert nodes[0].session.mesh.link(1).authenticated  # the real rank 1 is still connected
             await allreduce_check(nodes)
 
     run(body())
@@ -360,7 +364,7 @@ def test_client_with_the_secret_but_a_taken_or_unknown_rank(claimed: int) -> Non
                     await dial_handshake(link, creds, claimed, 0, None)
             finally:
                 link.close()
-            assert nodes[0].mesh.link(1).authenticated
+            assert nodes[0].session.mesh.link(1).authenticated
             await allreduce_check(nodes)
 
     run(body())

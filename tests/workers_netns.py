@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from p2pdl.cli import emit
 from p2pdl.collectives.api import ALGORITHMS
 from p2pdl.errors import P2PDLError
 from p2pdl.node import Node
+from p2pdl.schedule.runtime import emit
 
 
 def identity(node: Node) -> dict[str, Any]:
@@ -19,9 +19,9 @@ def identity(node: Node) -> dict[str, Any]:
     Ranks on one host are local to each other (their phase 1 could sum in memory); ranks on
     other hosts are remote (reached over the shaped link).
     """
-    assert node.membership is not None
+    assert node.has_session
     host = node.address[0]
-    peers = node.membership.peers
+    peers = node.session.membership.peers
     return {
         "rank": node.rank,
         "host": host,

@@ -31,6 +31,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from p2pdl.bench import _procs
+from p2pdl.launch.procs import free_port
 
 KNOWN_ALGORITHMS = (
     "auto",
@@ -581,8 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     if "mpi" in cfg.compare:
         cfg.mpi = use_mpirun
         cfg.mpi_status = mpi_missing or (None if use_mpirun else "not launched under mpirun")
-    cfg.leader_port = _procs.free_port()
-    cfg.gloo_port = _procs.free_port()
+    cfg.leader_port = free_port()
+    cfg.gloo_port = free_port()
     cfg.secret = secrets.token_hex(16)
     json_path = Path(args.json_path or f"bench-results/allreduce-n{cfg.nodes}.json")
     with tempfile.TemporaryDirectory(prefix="p2pdl-bench-") as tmp:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -21,11 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from p2pdl.launch.procs import stop_processes
+
 TASK = "examples.numpy_linear:task"
-
-
-def _options(**values: Any) -> str:
-    return json.dumps(values)
 
 
 def run_config(
@@ -33,21 +31,18 @@ def run_config(
 ) -> dict[str, Any]:
     """One job; returns the leader's done summary."""
     epochs = max(1, steps // 64)
-    overrides = {"epochs": epochs, "dataset_size": 4096, "global_batch": 64}
-    lead = {
-        "lead": True,
-        "job": TASK,
-        "nodes": nodes,
-        "bsp": bsp,
-        "job_overrides": overrides,
-        "secret": "bench-schedule-secret",
-    }
-    if group_size is not None and not bsp:
-        lead["group_size"] = group_size
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    node = [sys.executable, "-m", "p2pdl", "node"]
+    lead = [*node, "--lead", "--job", TASK, "--nodes", str(nodes)]
+    lead += ["--spec", f"epochs={epochs}", "--spec", "dataset_size=4096"]
+    lead += ["--spec", "global_batch=64"]
+    if bsp:
+        lead.append("--bsp")
+    elif group_size is not None:
+        lead += ["--group-size", str(group_size)]
+    # A fresh secret per run, in the environment (never on the command line).
+    env = dict(os.environ, PYTHONUNBUFFERED="1", P2PDL_SECRET=secrets.token_hex(16))
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    runtime = [sys.executable, "-m", "p2pdl.schedule.runtime"]
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "leader.out"
@@ -55,7 +50,7 @@ def run_config(
             with out.open("wb") as handle:
                 procs.append(
                     subprocess.Popen(
-                        [*runtime, _options(**lead)],
+                        lead,
                         stdout=handle,
                         env=env,
                         cwd=root,
@@ -72,10 +67,9 @@ def run_config(
                         address = json.loads(line)["address"]
                 time.sleep(0.02)  # polling for the ready line, under a deadline
             for _ in range(nodes - 1):
-                worker = {"lead": False, "leader": address, "secret": "bench-schedule-secret"}
                 procs.append(
                     subprocess.Popen(
-                        [*runtime, _options(**worker)],
+                        [*node, "--leader", address],
                         stdout=subprocess.DEVNULL,
                         env=env,
                         cwd=root,
@@ -90,13 +84,7 @@ def run_config(
                     return json.loads(line)
             raise RuntimeError("no summary from the leader")
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                proc.wait()
+            stop_processes(procs, grace=0.0)
 
 
 def _median(values: list[float]) -> float:

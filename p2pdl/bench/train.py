@@ -133,7 +133,7 @@ def _worker(args: argparse.Namespace) -> int:
             model_fn=build_model,
             loss_fn=torch.nn.functional.cross_entropy,
             dataset=(x, y),
-            optimizer={"name": "sgd", "lr": lr, "momentum": momentum},
+            optimizer={"kind": "sgd", "lr": lr, "momentum": momentum},
             partitions=1,
             strategy="allreduce" if mode == "p2pdl-sharded" else "scatter_gather",
         )
@@ -211,7 +211,8 @@ def _worker(args: argparse.Namespace) -> int:
 def _run(mode: str, nodes: int, args: argparse.Namespace) -> dict[str, Any] | None:
     import secrets
 
-    from p2pdl.bench._procs import free_port, run_workers
+    from p2pdl.bench._procs import run_workers
+    from p2pdl.launch.procs import free_port
 
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "result.json")

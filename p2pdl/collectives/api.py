@@ -20,11 +20,13 @@ from p2pdl.collectives.compute import Compute, ScratchPool
 from p2pdl.collectives.context import OnSlice, ReduceContext
 from p2pdl.collectives.hierarchical import allreduce_hierarchical, host_groups, worth_it
 from p2pdl.collectives.op import Group, Operation
+from p2pdl.collectives.p2p import Sequences, p2p_base, recv_bytes, send_bytes
 from p2pdl.collectives.plan import SlicePlan, plan_slices
 from p2pdl.collectives.ring import allreduce_ring
 from p2pdl.collectives.shm import ShmArena, allreduce_shm, probe
 from p2pdl.collectives.sliced import allgather_slices, allreduce_sliced, reduce_scatter
 from p2pdl.collectives.small import allreduce_direct, barrier, broadcast
+from p2pdl.config import DEFAULT_CHUNK_BYTES
 from p2pdl.errors import P2PDLError, SharedMemoryError
 
 log = logging.getLogger("p2pdl.collectives")
@@ -45,10 +47,6 @@ SHM_MIN_BYTES = 256 * 1024
 nbytes · (world_size − 1) is at least this (below it one-hop `direct` is faster)."""
 SPECIAL = ("hierarchical", "shm")
 """Algorithms that need more than the context: host identities, shared segments."""
-DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
-"""Wire bytes per frame in `sliced`/`ring`: 2 MiB cut the CPU per 64 MiB allreduce by ~10%
-against 1 MiB (fewer frames, wakeups and thread hops) and stays under the kernels'
-multi-threading threshold; 256 KiB cost ~50% more CPU (docs/benchmarks.md)."""
 
 
 _DTYPE_NAMES = {"f": "float32", "d": "float64"}
@@ -109,6 +107,32 @@ def as_flat_array(array: Any, what: str = "array") -> np.ndarray:
     return array.reshape(-1)
 
 
+def _message_bytes(array: Any, *, writable: bool) -> np.ndarray:
+    """A flat uint8 view of a contiguous numpy array or CPU tensor of any dtype."""
+    if not isinstance(array, np.ndarray):
+        if type(array).__module__.startswith("torch"):
+            import torch
+
+            if array.device.type != "cpu":
+                raise TypeError(f"the message must be a CPU tensor, got one on {array.device}")
+            if not array.is_contiguous():
+                raise ValueError("the message tensor must be contiguous")
+            array = array.detach().reshape(-1).view(torch.uint8).numpy()
+        else:
+            raise TypeError(f"a message must be a numpy array or a CPU tensor, got {type(array)}")
+    if not array.flags.c_contiguous:
+        raise ValueError("the message array must be C-contiguous")
+    if writable and not array.flags.writeable:
+        raise ValueError("the receive buffer must be writable")
+    return array.reshape(-1).view(np.uint8)
+
+
+def _p2p_descriptor(array: Any, data: np.ndarray, tag: object) -> str:
+    if isinstance(tag, bool) or not isinstance(tag, int) or not 0 <= tag < 2**31:
+        raise ValueError(f"tag must be an integer in 0..2**31-1, got {tag!r}")
+    return f"p2p(tag {tag}, {data.nbytes} bytes)"
+
+
 def _local_buffers(arrays: Any) -> list[np.ndarray]:
     if isinstance(arrays, Sequence) and not isinstance(arrays, np.ndarray):
         if not arrays:
@@ -125,8 +149,24 @@ def _local_buffers(arrays: Any) -> list[np.ndarray]:
     return [as_flat_array(arrays)]
 
 
+def deadline_of(timeout: float | None, default: float) -> float:
+    """The loop-time deadline of one call: `timeout` seconds from now (`None`: `default`).
+
+    `timeout=0` means zero: the call fails unless it needs no waiting at all."""
+    if timeout is None:
+        timeout = default
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise ValueError(f"timeout must be a number >= 0 or None, got {timeout!r}")
+    return asyncio.get_running_loop().time() + float(timeout)
+
+
 class Collectives:
-    """The collectives of one rank over one group (a mesh of one membership epoch)."""
+    """The collectives of one rank over one group (a mesh of one membership epoch).
+
+    Every method takes `timeout` (seconds, `None` for the default) and turns it into one
+    deadline that everything the call does shares: a shared-memory probe, the algorithm and
+    a redo over TCP.
+    """
 
     def __init__(
         self,
@@ -147,6 +187,7 @@ class Collectives:
         self.shm = ShmArena()
         self.last_algorithm: str | None = None
         """The algorithm the latest allreduce ran ("auto" resolved), for reports."""
+        self.sequences = Sequences()
 
     @property
     def one_host(self) -> bool:
@@ -155,7 +196,10 @@ class Collectives:
         n = self.group.world_size
         return n > 1 and ids is not None and len(ids) == n and len(set(ids)) == 1
 
-    async def shm_usable(self, timeout: float | None = None) -> bool:
+    def deadline(self, timeout: float | None) -> float:
+        return deadline_of(timeout, self.timeout)
+
+    async def shm_usable(self, deadline: float | None = None) -> bool:
         """Whether every rank can map every other rank's shared segment (probed once).
 
         Every rank must call this at the same point of its collective sequence: the probe
@@ -163,10 +207,10 @@ class Collectives:
         """
         arena = self.shm
         if arena.usable is None:
-            arena.usable = await self._probe("probing", None, timeout)
+            arena.usable = await self._probe("probing", None, deadline)
         return arena.usable
 
-    async def host_shm_usable(self, timeout: float | None = None) -> bool:
+    async def host_shm_usable(self, deadline: float | None = None) -> bool:
         """Whether the ranks of this rank's host can map each other's segments (probed once;
         a collective like `shm_usable`, whose frames stay within each host)."""
         arena = self.shm
@@ -174,16 +218,18 @@ class Collectives:
             ids = self.host_ids
             assert ids is not None and len(ids) == self.group.world_size
             members = next(g for g in host_groups(ids) if self.group.rank in g)
-            arena.host_usable = await self._probe("host_probing", members, timeout)
+            arena.host_usable = await self._probe("host_probing", members, deadline)
         return arena.host_usable
 
-    async def _probe(self, slot: str, members: list[int] | None, timeout: float | None) -> bool:
+    async def _probe(self, slot: str, members: list[int] | None, deadline: float | None) -> bool:
         arena = self.shm
         probing: asyncio.Future[bool] | None = getattr(arena, slot)
         if probing is None:
             # Calls in flight together share one probe; its operation takes its number now,
             # before any of theirs, on every rank alike.
-            operation = Operation(self.group, "shm probe", "shm probe", timeout or self.timeout)
+            if deadline is None:
+                deadline = self.deadline(None)
+            operation = Operation(self.group, "shm probe", "shm probe", deadline)
             probing = asyncio.ensure_future(operation.run(lambda: probe(operation, arena, members)))
             setattr(arena, slot, probing)
         try:
@@ -192,13 +238,13 @@ class Collectives:
             if probing.done() and getattr(arena, slot) is probing:
                 setattr(arena, slot, None)  # settled; a failed probe (a lost peer) runs again
 
-    async def prepare(self) -> None:
+    async def prepare(self, deadline: float | None = None) -> None:
         """Probe shared memory where `auto` could use it: every rank on this host (the shm
         allreduce), or several ranks on some of several hosts (the hierarchical one)."""
         if self.one_host:
-            await self.shm_usable()
+            await self.shm_usable(deadline)
         elif worth_it(self.host_ids):
-            await self.host_shm_usable()
+            await self.host_shm_usable(deadline)
 
     def close(self) -> None:
         """Unmap and unlink shared segments, stop the reduce thread."""
@@ -267,16 +313,24 @@ class Collectives:
         buf = buffers[0]
         if compression is not None and buf.dtype != np.float32:
             raise TypeError(f"{compression} compression needs float32 buffers, got {buf.dtype}")
-        if len(buffers) > 1:
-            kernels.sum_into(buf, buffers)
         n = self.group.world_size
         host_ids = self.host_ids
+        # Every argument is checked before anything is touched: a bad call leaves the
+        # buffers as they were.
         if algorithm == "shm" and n > 1:
             if not self.one_host:
                 raise ValueError("the shm allreduce needs every rank on this host")
             if compression is not None:
                 raise ValueError("the shm allreduce sends nothing to compress; use none")
-            if not await self.shm_usable(timeout):
+        if compression is not None and algorithm in ("driver", "tree"):
+            raise ValueError(f"the {algorithm} baseline sends full precision; use no compression")
+        if algorithm == "hierarchical" and n > 1 and (host_ids is None or len(host_ids) != n):
+            raise ValueError("the hierarchical allreduce needs every rank's host identity")
+        deadline = self.deadline(timeout)
+        if len(buffers) > 1:
+            kernels.sum_into(buf, buffers)
+        if algorithm == "shm" and n > 1:
+            if not await self.shm_usable(deadline):
                 raise P2PDLError("shared memory is not usable between these ranks")
             chosen = "shm"
         elif algorithm != "auto":  # (a one-rank "shm" call lands here: nothing to share)
@@ -288,25 +342,21 @@ class Collectives:
                 self.one_host
                 and compression is None
                 and buf.nbytes * (n - 1) >= SHM_MIN_BYTES
-                and await self.shm_usable(timeout)
+                and await self.shm_usable(deadline)
             )
             chosen = choose_algorithm(buf.nbytes, n, host_ids, shared_memory=shared)
         if buf.size == 0:
             # An empty buffer sends no chunk under the chunked algorithms, so a rank whose
             # size differs from everyone else's would go unnoticed: exchange one empty frame.
             chosen = "direct"
-        if chosen == "hierarchical" and (host_ids is None or len(host_ids) != n):
-            raise ValueError("the hierarchical allreduce needs every rank's host identity")
-        if compression is not None and chosen in ("driver", "tree"):
-            raise ValueError(f"the {chosen} baseline sends full precision; use no compression")
         if chosen == "hierarchical" and n > 1 and self.shm.host_usable is None:
-            await self.host_shm_usable(timeout)  # (host identities set after start)
+            await self.host_shm_usable(deadline)  # (host identities set after start)
         self.last_algorithm = chosen
         dtype = _DTYPE_NAMES.get(buf.dtype.char) or str(buf.dtype)
 
         def prepare(algorithm: str) -> tuple[Operation, ReduceContext]:
             descriptor = f"allreduce({algorithm}, {op}, {dtype}[{buf.size}], {compression})"
-            operation = Operation(self.group, "allreduce", descriptor, timeout or self.timeout)
+            operation = Operation(self.group, "allreduce", descriptor, deadline)
             ctx = self._context(
                 operation,
                 buf,
@@ -359,6 +409,95 @@ class Collectives:
         else:
             await operation.run(lambda: ALGORITHMS[algorithm](ctx))
 
+    def resolved(self, nbytes: int, algorithm: str = "auto", compression: str | None = None) -> str:
+        """The algorithm an allreduce of `nbytes` would run now, with what has been probed
+        (`prepare` probes at start, so this is what the first call runs too)."""
+        n = self.group.world_size
+        if nbytes == 0 or n == 1:
+            return "direct"
+        if algorithm != "auto":
+            return algorithm
+        shared = (
+            self.one_host
+            and compression is None
+            and nbytes * (n - 1) >= SHM_MIN_BYTES
+            and bool(self.shm.usable)
+        )
+        return choose_algorithm(nbytes, n, self.host_ids, shared_memory=shared)
+
+    def owned_range(
+        self,
+        size: int,
+        itemsize: int,
+        algorithm: str = "auto",
+        compression: str | None = None,
+        *,
+        rank: int | None = None,
+    ) -> tuple[int, int]:
+        """The range of an allreduce of `size` elements whose `on_slice`/`on_chunk` runs on
+        this rank (or on `rank`): a sharded optimizer keeps state for exactly this range."""
+        n = self.group.world_size
+        rank = self.group.rank if rank is None else rank
+        chosen = self.resolved(size * itemsize, algorithm, compression)
+        if chosen == "direct":
+            return (0, size)
+        if chosen in ("driver", "tree"):
+            return (0, size) if rank == 0 else (0, 0)
+        if chosen == "hierarchical":
+            assert self.host_ids is not None
+            leaders = [group[0] for group in host_groups(self.host_ids)]
+            if rank not in leaders:
+                return (0, 0)
+            return plan_slices(size, len(leaders), 1).slices[leaders.index(rank)]
+        slices = plan_slices(size, n, 1).slices
+        return slices[(rank + 1) % n] if chosen == "ring" else slices[rank]
+
+    # -------------------------------------------------------------- point to point
+    async def send(
+        self, array: Any, dst: int, *, tag: int = 0, timeout: float | None = None
+    ) -> None:
+        """Send `array` to rank `dst` (matched in order by `dst`'s `recv` from this rank)."""
+        data = _message_bytes(array, writable=False)
+        descriptor = _p2p_descriptor(array, data, tag)
+        deadline = self.deadline(timeout)
+        self._check_peer(dst, "dst")
+        seq = self.sequences.next_send(dst)
+        operation = Operation(
+            self.group,
+            "send",
+            descriptor,
+            deadline,
+            base=p2p_base(self.group.rank, dst, seq),
+            peers=[dst],
+        )
+        await operation.run(lambda: send_bytes(operation, data, dst, self.chunk_bytes))
+
+    async def recv(
+        self, array: Any, src: int, *, tag: int = 0, timeout: float | None = None
+    ) -> None:
+        """Receive the next message of rank `src` into `array` (same size, dtype and tag)."""
+        data = _message_bytes(array, writable=True)
+        descriptor = _p2p_descriptor(array, data, tag)
+        deadline = self.deadline(timeout)
+        self._check_peer(src, "src")
+        seq = self.sequences.next_recv(src)
+        operation = Operation(
+            self.group,
+            "recv",
+            descriptor,
+            deadline,
+            base=p2p_base(src, self.group.rank, seq),
+            peers=[src],
+        )
+        await operation.run(lambda: recv_bytes(operation, data, src, self.chunk_bytes))
+
+    def _check_peer(self, peer: object, what: str) -> None:
+        n = self.group.world_size
+        if isinstance(peer, bool) or not isinstance(peer, int) or not 0 <= peer < n:
+            raise ValueError(f"{what} must be a rank in 0..{n - 1}, got {peer!r}")
+        if peer == self.group.rank:
+            raise ValueError(f"{what} is this rank ({peer}): a rank does not message itself")
+
     def plan(self, size: int) -> SlicePlan:
         """The slice plan `reduce_scatter` and `allgather` use for `size` elements."""
         return plan_slices(size, self.group.world_size, max(1, self.chunk_bytes // 4))
@@ -377,7 +516,7 @@ class Collectives:
         buf = as_flat_array(array)
         plan = self.plan(buf.size)
         descriptor = f"reduce_scatter({op}, {buf.dtype}[{buf.size}])"
-        operation = Operation(self.group, "reduce_scatter", descriptor, timeout or self.timeout)
+        operation = Operation(self.group, "reduce_scatter", descriptor, self.deadline(timeout))
         ctx = self._context(operation, buf, mean=op == "mean", compression=None, on_slice=on_slice)
         if self.group.world_size == 1:
             await ctx.finish_slice(0, buf.size)
@@ -392,7 +531,7 @@ class Collectives:
             return
         plan = self.plan(buf.size)
         descriptor = f"allgather({buf.dtype}[{buf.size}])"
-        operation = Operation(self.group, "allgather", descriptor, timeout or self.timeout)
+        operation = Operation(self.group, "allgather", descriptor, self.deadline(timeout))
         ctx = self._context(operation, buf, mean=False, compression=None, on_slice=None)
         await operation.run(lambda: allgather_slices(ctx, plan))
 
@@ -410,7 +549,7 @@ class Collectives:
         if n == 1:
             return
         descriptor = f"broadcast(root {root}, {buf.dtype}[{buf.size}])"
-        operation = Operation(self.group, "broadcast", descriptor, timeout or self.timeout)
+        operation = Operation(self.group, "broadcast", descriptor, self.deadline(timeout))
         elems = max(1, self.chunk_bytes // 4)
         await operation.run(lambda: broadcast(operation, buf, root, elems))
 
@@ -418,5 +557,5 @@ class Collectives:
         """Return once every rank has called `barrier`."""
         if self.group.world_size == 1:
             return
-        operation = Operation(self.group, "barrier", "barrier", timeout or self.timeout)
+        operation = Operation(self.group, "barrier", "barrier", self.deadline(timeout))
         await operation.run(lambda: barrier(operation))

@@ -7,12 +7,20 @@ descriptor (kind, size, dtype, op, algorithm); a receiver that sees a different 
 operation with `CollectiveMismatchError` and tells every other rank, so all of them fail
 with the same clear message instead of hanging. A lost peer or the deadline fails the whole
 operation, and the error names the ranks that were missing.
+
+Leaving: a rank returns from a collective only once every frame it owes the others for it
+has been handed to its sockets, and closing a node flushes those frames, says goodbye and
+waits for the peers' side (`Link.shutdown`). So a rank that has returned may leave: frames it
+sent before it left stay receivable, and frames still addressed to it are dropped (it needs
+nothing more). A rank that leaves or dies *before* delivering what another rank waits for is
+named in that rank's `PeerLostError`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from p2pdl.errors import (
@@ -23,6 +31,8 @@ from p2pdl.errors import (
     SharedMemoryError,
 )
 
+log = logging.getLogger("p2pdl.collectives")
+
 SUB_BITS = 24
 ABORT_SUB = (1 << SUB_BITS) - 1
 T = TypeVar("T")
@@ -30,6 +40,9 @@ T = TypeVar("T")
 
 class LinkLike(Protocol):
     """What an operation needs from a transport link."""
+
+    lost: P2PDLError | None
+    closed_here: bool
 
     def post(
         self, tag: int, view: memoryview | None = None, check: Any = None
@@ -50,7 +63,9 @@ class Group(Protocol):
     rank: int
     world_size: int
 
-    def link(self, rank: int) -> LinkLike: ...
+    def link(self, rank: int) -> LinkLike:
+        """The link to `rank` (also once lost: it then fails what it cannot deliver)."""
+        ...
 
     def watch(self, callback: Callable[[int, P2PDLError], None]) -> Callable[[], None]: ...
 
@@ -58,16 +73,36 @@ class Group(Protocol):
 
 
 class Operation:
-    """Tags, descriptor checks, missing-rank bookkeeping and failure for one collective."""
+    """Tags, descriptor checks, missing-rank bookkeeping and failure for one collective.
 
-    def __init__(self, group: Group, name: str, descriptor: str, timeout: float) -> None:
+    A collective involves every rank and takes the next operation number. A point-to-point
+    message involves two ranks: it gives its own tag range (`base`) and its one `peers`.
+    """
+
+    def __init__(
+        self,
+        group: Group,
+        name: str,
+        descriptor: str,
+        deadline: float,
+        *,
+        base: int | None = None,
+        peers: Sequence[int] | None = None,
+    ) -> None:
         self.group = group
         self.name = name
         self.descriptor = descriptor
-        self.timeout = timeout
+        self.deadline = deadline
+        """Loop time by which the whole operation must be done (one deadline per call)."""
+        self.timeout = max(0.0, deadline - asyncio.get_running_loop().time())
         self.rank = group.rank
         self.world_size = group.world_size
-        self.base = group.next_op_id() << SUB_BITS
+        self.base = group.next_op_id() << SUB_BITS if base is None else base
+        self.peers = (
+            [p for p in range(group.world_size) if p != group.rank]
+            if peers is None
+            else list(peers)
+        )
         self._waiting: dict[asyncio.Future[Any], int] = {}
         self._error: P2PDLError | None = None
         self._task: asyncio.Task[Any] | None = None
@@ -110,7 +145,20 @@ class Operation:
             self.fail(error)
 
     async def send(self, peer: int, sub: int, payload: memoryview | None = None) -> None:
-        await self.group.link(peer).send({"t": self.base | sub, "d": self.descriptor}, payload)
+        """Send frame `sub` to `peer`; dropped if the peer has gone (it needs nothing more:
+        had it still needed this frame, it would not have returned; had it died, the ranks
+        waiting for it find out)."""
+        link = self.group.link(peer)
+        if link.lost is None:
+            try:
+                await link.send({"t": self.base | sub, "d": self.descriptor}, payload)
+                return
+            except PeerLostError:
+                pass
+        if link.closed_here:  # this node is leaving: the operation cannot finish here
+            assert link.lost is not None
+            raise link.lost
+        log.debug("%s: dropped frame %d for rank %d, which has left", self.name, sub, peer)
 
     # ------------------------------------------------------------------------ running
     async def run(self, body: Callable[[], Awaitable[T]]) -> T:
@@ -121,16 +169,13 @@ class Operation:
         """
         group = self.group
         span = self.base + (1 << SUB_BITS)
-        for peer in range(self.world_size):
-            if peer == self.rank:
-                continue
-            try:
-                link = group.link(peer)
-            except P2PDLError as exc:
-                raise PeerLostError([peer], str(exc), operation=self.name) from None
+        for peer in self.peers:
+            link = group.link(peer)
             # Every frame of this operation from `peer` is checked as it arrives, posted
             # for or not; an abort frame fails the operation with the reason it carries.
-            link.guard(self.base, span, self._check(peer), self.fail)
+            # (A lost link fails the receives that need it, when they are posted.)
+            if link.lost is None:
+                link.guard(self.base, span, self._check(peer), self.fail)
         unwatch = group.watch(self._on_peer_lost)
         task = asyncio.current_task()
         assert task is not None
@@ -138,7 +183,7 @@ class Operation:
         try:
             if self._error is not None:  # an abort that arrived before we started
                 raise self._error
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout_at(self.deadline):
                 return await body()
         except asyncio.CancelledError:
             if self._cancelled and task.uncancel() == 0 and self._error is not None:
@@ -180,9 +225,15 @@ class Operation:
     def _abort_error(self, header: dict[str, Any]) -> P2PDLError:
         """The error another rank's abort frame reports (it already told everyone)."""
         self._reported = True
-        reason = str(header.get("reason", "aborted"))
+        reason = header.get("reason", "aborted")
+        reason = reason[:1000] if isinstance(reason, str) else "aborted"
         kind = header.get("kind")
-        ranks = [r for r in header.get("ranks", []) if isinstance(r, int)]
+        raw_ranks = header.get("ranks")
+        ranks = [
+            r
+            for r in (raw_ranks if isinstance(raw_ranks, list) else [])[: self.world_size]
+            if isinstance(r, int) and not isinstance(r, bool) and 0 <= r < self.world_size
+        ]
         if kind == "mismatch":
             return CollectiveMismatchError(self.name, reason, ranks)
         if kind == "lost":
@@ -199,8 +250,7 @@ class Operation:
             return
         self._reported = True
         if isinstance(error, CollectiveMismatchError):
-            kind, ranks = "mismatch", list(error.ranks)
-            reason = str(error).split(": ", 1)[-1].rsplit(" (disagreeing", 1)[0]
+            kind, ranks, reason = "mismatch", list(error.ranks), error.detail
         elif isinstance(error, PeerLostError):
             kind, ranks, reason = "lost", list(error.ranks), error.detail
         elif isinstance(error, SharedMemoryError):
@@ -211,20 +261,9 @@ class Operation:
         else:
             kind, ranks, reason = "failed", [self.rank], str(error)
         header = {"t": self.base | ABORT_SUB, "kind": kind, "ranks": ranks, "reason": reason}
-        for peer in range(self.world_size):
-            if peer == self.rank:
-                continue
-            try:
-                self.group.link(peer).send_nowait(header)
-            except P2PDLError:
-                continue
+        for peer in self.peers:
+            self.group.link(peer).send_nowait(header)
 
     def _retire(self) -> None:
-        for peer in range(self.world_size):
-            if peer == self.rank:
-                continue
-            try:
-                link = self.group.link(peer)
-            except P2PDLError:
-                continue
-            link.retire(self.base, self.base + (1 << SUB_BITS))
+        for peer in self.peers:
+            self.group.link(peer).retire(self.base, self.base + (1 << SUB_BITS))

@@ -11,11 +11,16 @@ coordinator through an in-process channel. The coordinator is never on the per-s
 * membership changes happen only at boundaries: a node that joins waits until the groups
   already pushed are done, then a new membership epoch includes it;
 * a failure (a member's control channel lost, or a member reporting a failed collective)
-  aborts the running group: every survivor stops and says which boundary snapshots it holds,
-  everyone rolls back to the latest boundary all of them hold, a new epoch (new mesh, ranks
-  re-numbered) is formed if at least `min_nodes` remain, and the steps after that boundary
-  are planned again — the planner covers the same samples, so none is lost or counted twice
-  (the accounting travels in-band with the gradients and is rolled back with the weights);
+  aborts the running group; every reconfiguration (after a failure, or to admit joiners at
+  a boundary) goes through one path: every member stops and says which boundaries it holds
+  (and which pieces of the sharded optimizer state), `decisions.choose_rollback` picks the
+  latest boundary all of them hold and whose state they can rebuild together, and a new
+  epoch (new session, ranks re-numbered by `decisions.plan_members`) is formed if at least
+  `min_nodes` remain; the steps after that boundary are planned again — the planner covers
+  the same samples, so none is lost or counted twice (the accounting travels in-band with
+  the gradients and is rolled back with the weights);
+* checkpoints: every `checkpoint_every` groups (and the last) the group is marked; at its
+  boundary the members gather the optimizer state and rank 0 writes it;
 * stall inspector: workers tell the leader when a step made no progress for T seconds; the
   leader logs which ranks the others are waiting for.
 """
@@ -31,18 +36,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p2pdl.config import Timeouts
-from p2pdl.errors import P2PDLError
+from p2pdl.errors import P2PDLError, ProtocolError
 from p2pdl.membership import Membership, PeerAddress
+from p2pdl.rendezvous import Channel, parse_join
+from p2pdl.schedule.decisions import (
+    Holding,
+    Piece,
+    Rollback,
+    choose_rollback,
+    holdings_from_wire,
+    plan_members,
+)
+from p2pdl.schedule.errors import JobError
 from p2pdl.schedule.group_size import GroupSizeController
 from p2pdl.schedule.job import Job
+from p2pdl.schedule.model import ModelState
 from p2pdl.schedule.plan import IterationGroup, epoch_permutation, plan_groups
-from p2pdl.schedule.protocol import Channel, LinkChannel
-from p2pdl.schedule.worker import JobError, ModelState
-from p2pdl.transport import Link
+from p2pdl.schedule.protocol import LOST as _LOST
+from p2pdl.schedule.protocol import check, counted
 
 log = logging.getLogger("p2pdl.schedule.leader")
-
-_LOST = "_lost"
 
 
 @dataclass(eq=False)
@@ -78,6 +91,8 @@ class LeaderSettings:
     start_timeout: float
     leader_timeout: float
     controller: GroupSizeController = field(default_factory=GroupSizeController)
+    checkpoint_every: int | None = None
+    """Mark every this many groups (and the last) for a checkpoint; None: never."""
 
 
 class Leader:
@@ -95,6 +110,7 @@ class Leader:
         local_address: tuple[str, int],
         model: ModelState,
         emit: Callable[..., None],
+        resumed: bool = False,
     ) -> None:
         self.job = job
         self.digest = digest
@@ -140,33 +156,24 @@ class Leader:
         }
         self.reports = 0
         self.counted_closed = 0
+        self.resumed = resumed
+        """The leader's model starts from a checkpoint (its full state is handed out)."""
         self._pump(local)
 
     # ---------------------------------------------------------------- node admission
-    async def on_join(self, link: Link, hello: dict[str, Any]) -> None:
-        """Listener join handler: a node dialled in; send it the job and wait for its hello."""
-        address = hello.get("addr")
-        handle = NodeHandle(self._next_id, LinkChannel(link, label=f"node {self._next_id}"))
+    def admit(self, channel: Channel) -> None:
+        """A node joined (its channel's first message says where it listens): track it."""
+        handle = NodeHandle(self._next_id, channel)
+        channel.peer_label = f"node {self._next_id}"
         self._next_id += 1
-        if (
-            isinstance(address, list)
-            and len(address) == 2
-            and isinstance(address[0], str)
-            and isinstance(address[1], int)
-        ):
-            handle.addr = (address[0], address[1])
         self.handles.append(handle)
         self._pump(handle)
-        with contextlib.suppress(P2PDLError):
-            await handle.channel.send(
-                {"k": "job", "job": self.job.to_wire(), "node_id": handle.node_id}
-            )
 
     def _pump(self, handle: NodeHandle) -> None:
         async def pump() -> None:
             try:
                 while True:
-                    message = await handle.channel.recv()
+                    message = check(await handle.channel.recv(), sender=handle.label())
                     self.inbox.put_nowait((handle, message))
             except P2PDLError as exc:
                 self.inbox.put_nowait((handle, {"k": _LOST, "error": str(exc)}))
@@ -177,7 +184,7 @@ class Leader:
         if handle.dead:
             return
         handle.dead = True
-        self.counted_closed += handle.channel.counted()
+        self.counted_closed += counted(handle.channel)
         log.warning("leader: dropping %s (%s)", handle.label(), why)
         if handle is not self.local:
             handle.channel.close()
@@ -195,6 +202,8 @@ class Leader:
                 raise JobError(f"the leader's own worker stopped: {message['error']}")
             if not handle.dead:
                 self._drop(handle, message["error"])
+        elif kind == "join":
+            await self._on_join(handle, message)
         elif kind == "hello":
             await self._on_hello(handle, message)
         elif kind == "setup_done":
@@ -209,6 +218,16 @@ class Leader:
         self._drop(handle, reason)
         if self.starting:
             raise JobError(reason)
+
+    async def _on_join(self, handle: NodeHandle, message: dict[str, Any]) -> None:
+        """The join protocol's first message: where the node listens. Send it the job."""
+        try:
+            address, _rank = parse_join(message)
+        except ProtocolError as exc:
+            self._drop(handle, str(exc))
+            return
+        handle.addr = address
+        await self._send(handle, {"k": "job", "job": self.job.to_wire(), "node_id": handle.node_id})
 
     async def _on_hello(self, handle: NodeHandle, message: dict[str, Any]) -> None:
         where = f"node at {handle.addr[0]}:{handle.addr[1]}" if handle.addr else "a node"
@@ -286,7 +305,7 @@ class Leader:
         """Admit the first nodes, train to the end, stop everyone; returns the summary."""
         loop = asyncio.get_running_loop()
         await self._admit_initial()
-        await self._reconfigure(restore=None, first=True)
+        await self._reconfigure(first=True)
         self.starting = False
         t_start = loop.time()
         ping_every = self.settings.leader_timeout / 3
@@ -321,7 +340,7 @@ class Leader:
                     len(self._ready_joiners()),
                     self.committed,
                 )
-                await self._reconfigure(restore=self.committed)
+                await self._reconfigure()
                 self.draining = False
         wall = loop.time() - t_start
         byes = await self._stop()
@@ -365,7 +384,11 @@ class Leader:
             self.next_gid += 1
             self.next_plan = plan.end_step
             self.groups_pushed += 1
-            message = {"k": "group", "plan": plan.to_wire()}
+            every = self.settings.checkpoint_every
+            checkpoint = every is not None and (
+                self.groups_pushed % every == 0 or plan.end_step >= total
+            )
+            message = {"k": "group", "plan": plan.to_wire(), "checkpoint": checkpoint}
             for handle in self.members:
                 if handle is not self.local:
                     await self._send(handle, message)
@@ -441,8 +464,8 @@ class Leader:
                 log.warning(
                     "leader: %s failed during %s: %s", handle.label(), kind, message["error"]
                 )
-                ok = False
                 replies[handle] = message
+                return False, replies  # no point waiting for the others: this epoch is over
             elif handle in nodes and mkind == _LOST:
                 self._drop(handle, message["error"])
                 ok = False
@@ -451,31 +474,70 @@ class Leader:
                 await self._common(handle, message)
         return ok, replies
 
-    async def _reconfigure(self, *, restore: int | None, first: bool = False) -> None:
-        """Form a new membership epoch from the live members and the ready joiners."""
-        timeouts = self.settings.timeouts
-        need_sync = first
-        for _attempt in range(5):
-            survivors = [h for h in (self.members if not first else []) if not h.dead]
-            if first:
-                survivors = [self.local]
-            room = self.job.max_nodes - len(survivors)
-            joiners = [h for h in self._ready_joiners() if h not in survivors][: max(0, room)]
-            nodes = [self.local, *[h for h in survivors if h is not self.local], *joiners]
-            if len(nodes) < self.job.min_nodes:
-                raise JobError(
-                    f"only {len(nodes)} node(s) remain, the job needs at least "
-                    f"{self.job.min_nodes} (min_nodes); stopping"
+    async def _holdings(self) -> dict[NodeHandle, tuple[Holding, ...]]:
+        """Stop every live member; the boundaries (and state pieces) each of them holds."""
+        alive = [h for h in self.members if not h.dead]
+        for handle in alive:
+            await self._send(handle, {"k": "abort", "epoch": self.epoch})
+        _ok, replies = await self._collect(alive, "aborted", self.settings.timeouts.operation)
+        held: dict[NodeHandle, tuple[Holding, ...]] = {}
+        for handle, message in replies.items():
+            if message["k"] != "aborted":
+                continue
+            try:
+                held[handle] = holdings_from_wire(
+                    message["holdings"], size=self.params, sender=handle.label()
                 )
+            except ProtocolError as exc:
+                self._drop(handle, str(exc))
+        if self.local not in held:
+            raise JobError("the leader's own worker did not stop for the reconfiguration")
+        self.members = [h for h in alive if h in held and not h.dead]
+        return held
+
+    def _first_rollback(self) -> Rollback:
+        if self.resumed and self.model.has_state:
+            return Rollback(self.model.next_step, {0: (Piece(0, self.params, "full"),)})
+        return Rollback(self.model.next_step, {})
+
+    async def _reconfigure(self, *, first: bool = False) -> int:
+        """Form a new membership epoch: the live members (rolled back to a common boundary)
+        and the ready joiners. Returns the boundary step it starts from."""
+        timeouts = self.settings.timeouts
+        for attempt in range(5):
+            if first:
+                # The first epoch again (a node failed while it formed): everyone stops, and
+                # all but the leader start over from the leader's state.
+                if attempt:
+                    await self._holdings()
+                survivors: list[NodeHandle] = []
+                rollback = self._first_rollback()
+            else:
+                held = await self._holdings()
+                survivors = list(held)
+                by_id = {h.node_id: held[h] for h in survivors}
+                rollback = choose_rollback(by_id, self.params, has_state=self.model.has_state)
+            joiners = [h for h in self._ready_joiners() if h not in survivors]
+            order = plan_members(
+                self.local.node_id,
+                [h.node_id for h in survivors],
+                [h.node_id for h in joiners],
+                max_nodes=self.job.max_nodes,
+                min_nodes=self.job.min_nodes,
+            )
+            handles = {h.node_id: h for h in self.handles}
+            nodes = [handles[node_id] for node_id in order]
+            joined = [h for h in nodes if h in joiners]
             self.epoch += 1
             for rank, handle in enumerate(nodes):
                 handle.rank = rank
             peers = [list(h.addr) for h in nodes if h.addr is not None]
             assert len(peers) == len(nodes)
-            sync = need_sync or bool(joiners)
-            step = restore if restore is not None else self.committed
+            sync = first or bool(joined)
+            assemble = self.model.has_state and (bool(rollback.sources) or not first)
             for handle in nodes:
-                keeps_state = handle in survivors and not first
+                keeps_state = handle in survivors
+                pieces = rollback.sources.get(handle.node_id, ())
                 await self._send(
                     handle,
                     {
@@ -483,44 +545,37 @@ class Leader:
                         "epoch": self.epoch,
                         "rank": handle.rank,
                         "peers": peers,
-                        "restore": restore if keeps_state else None,
+                        "restore": rollback.step if keeps_state else None,
                         "sync": sync,
-                        "step": step,
+                        "assemble": assemble,
+                        "contribute": [p.to_wire() for p in pieces],
+                        "step": rollback.step,
                     },
                 )
-            ok, _ = await self._collect(nodes, "prepared", timeouts.connect)
-            if not ok:
-                self.members = [h for h in nodes if not h.dead]
-                first = False
-                continue
-            for handle in nodes:
-                await self._send(handle, {"k": "connect", "epoch": self.epoch})
             ok, _ = await self._collect(nodes, "connected", timeouts.connect)
             if ok:
                 for handle in nodes:
                     await self._send(handle, {"k": "start", "epoch": self.epoch})
                 ok, _ = await self._collect(nodes, "started", timeouts.operation)
+            self.members = [h for h in nodes if not h.dead]
             if not ok:
-                self.members = [h for h in nodes if not h.dead]
-                first = False
                 continue
             for handle in nodes:
                 handle.state = "member"
-            self.members = nodes
             self.membership = Membership(
                 self.epoch,
                 tuple(PeerAddress(h.rank, h.addr[0], h.addr[1]) for h in nodes if h.addr),
             )
-            self.committed = self.next_plan = step
+            self.committed = self.next_plan = rollback.step
             log.info(
                 "leader: membership epoch %d: %d node(s) from step %d%s",
                 self.epoch,
                 len(nodes),
-                step,
-                f" ({len(joiners)} joined)" if joiners and not first else "",
+                rollback.step,
+                f" ({len(joined)} joined)" if joined and not first else "",
             )
-            self.emit("epoch", epoch=self.epoch, world_size=len(nodes), step=step)
-            return
+            self.emit("epoch", epoch=self.epoch, world_size=len(nodes), step=rollback.step)
+            return rollback.step
         raise JobError("could not form a new membership after 5 attempts")
 
     async def _recover(self, reason: str) -> None:
@@ -531,35 +586,23 @@ class Leader:
             "leader: aborting epoch %d at step >= %d: %s", self.epoch, self.committed, reason
         )
         before = list(self.members)
-        alive = [h for h in self.members if not h.dead]
-        for handle in alive:
-            await self._send(handle, {"k": "abort", "epoch": self.epoch})
-        _ok, replies = await self._collect(alive, "aborted", self.settings.timeouts.operation)
-        holders = {h: m["snapshots"] for h, m in replies.items() if m["k"] == "aborted"}
-        if self.local not in holders:
-            raise JobError("the leader's own worker did not stop for the rollback")
-        self.members = [h for h in alive if h in holders and not h.dead]
-        lost = sorted(h.rank for h in before if h not in self.members)
-        target = min(max(s) for s in holders.values() if s)
-        missing = [h.label() for h, s in holders.items() if target not in s]
-        if missing:
-            raise JobError(
-                f"no common boundary to roll back to: {', '.join(missing)} lack step {target}"
-            )
-        redone = self.next_plan - target
+        planned = self.next_plan
         self.inflight.clear()
         if self.settings.group_size == "auto" and not self.settings.bsp:
             decision = self.settings.controller.after_failure(self.size)
             log.info("group size: %s", decision.reason)
-            self.decisions.append({"step": target, "size": decision.size, "why": decision.reason})
+            self.decisions.append(
+                {"step": self.committed, "size": decision.size, "why": decision.reason}
+            )
             self.size = decision.size
-        await self._reconfigure(restore=target)
+        target = await self._reconfigure()
+        lost = sorted(h.rank for h in before if h not in self.members)
         seconds = loop.time() - t0
         record = {
             "reason": reason,
             "lost_ranks": lost,
             "rollback_to": target,
-            "planned_steps_redone": redone,
+            "planned_steps_redone": planned - target,
             "seconds": round(seconds, 4),
             "world_size": len(self.members),
             "resumed_at": time.time(),
@@ -594,7 +637,7 @@ class Leader:
                 waiting.discard(handle)
         for handle in self.handles:
             if handle is not self.local and not handle.dead:
-                self.counted_closed += handle.channel.counted()
+                self.counted_closed += counted(handle.channel)
                 handle.dead = True
                 handle.channel.close()
                 if handle.pump is not None:

@@ -28,6 +28,7 @@ __all__ = [
     "epoch_permutation",
     "plan_groups",
     "sample_indices",
+    "split_batch",
 ]
 
 _GROUP_FIELDS = frozenset({"group_id", "epoch", "start_step", "world_size", "steps"})
@@ -144,7 +145,7 @@ class IterationGroup:
         )
 
 
-def _split(offset: int, count: int, world_size: int, epoch: int) -> tuple[RankSamples, ...]:
+def split_batch(offset: int, count: int, world_size: int, epoch: int) -> tuple[RankSamples, ...]:
     """Balanced contiguous slices in rank order; the first count % world_size get one more."""
     base, extra = divmod(count, world_size)
     return tuple(
@@ -188,7 +189,7 @@ def plan_groups(
             StepPlan(
                 step=step,
                 lr=job.lr_at(step),
-                per_rank=_split(offset, count, world_size, data_epoch),
+                per_rank=split_batch(offset, count, world_size, data_epoch),
             )
         )
     return IterationGroup(

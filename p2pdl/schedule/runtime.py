@@ -1,14 +1,16 @@
-"""Entry point of a training node: `run_job_node(JobNodeOptions)` for the leader and workers.
+"""Running one node of a training job: `run_job_node(NodeConfig, JobOptions)`.
 
-The CLI builds the options (`JobNodeOptions.from_cli`) and runs `uvloop.run(run_job_node(o))`.
+How the node reaches its cluster is its `NodeConfig` (the one node configuration type); what
+it runs is `JobOptions`. A node whose config leads (`--lead`) runs the job's leader and
+trains as rank 0; a node that joins (`--leader host:port`) follows whatever that leader
+runs: a training job (it becomes a worker), or a plain cluster (it becomes a plain member
+that serves collectives until SIGTERM/SIGINT).
+
 On stdout a node prints one JSON line when it has joined
 (`{"event": "ready", "rank": r, "address": "h:p"}`; the leader prints it as soon as it listens,
 so that others can be pointed at it), JSON lines for membership epochs / recoveries / stalls
 (leader), and one `{"event": "done", ...}` line with its summary at the end. Errors: one line
 on stderr and a non-zero exit status (2 for configuration errors, 1 for runtime failures).
-
-For tests and benchmarks without the CLI: `python -m p2pdl.schedule.runtime '<json>'` runs
-one node with `JobNodeOptions.from_json`.
 """
 
 from __future__ import annotations
@@ -23,35 +25,33 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from p2pdl.collectives.api import Collectives
-from p2pdl.config import Limits, Timeouts, is_loopback
-from p2pdl.errors import ConfigError, P2PDLError
-from p2pdl.mesh import Listener, Mesh, dial
-from p2pdl.rendezvous import TABLE_TAG, parse_table
+from p2pdl.config import NodeConfig
+from p2pdl.errors import CollectiveTimeoutError, ConfigError, P2PDLError
+from p2pdl.node import Node
+from p2pdl.rendezvous import ControlChannel, LocalChannel, parse_table
 from p2pdl.schedule.checkpoint import Snapshot, load_checkpoint, save_checkpoint
+from p2pdl.schedule.errors import JobError
 from p2pdl.schedule.group_size import GroupSizeController
 from p2pdl.schedule.job import Job
 from p2pdl.schedule.leader import Leader, LeaderSettings
-from p2pdl.schedule.protocol import LinkChannel, LocalChannel, decode
+from p2pdl.schedule.model import ModelState
+from p2pdl.schedule.protocol import check
 from p2pdl.schedule.task import TaskContext, resolve_task, task_digest, task_spec
-from p2pdl.schedule.worker import JobError, ModelState, Worker
-from p2pdl.transport import Credentials, Link, dial_handshake
+from p2pdl.schedule.worker import Worker
+from p2pdl.session import membership_of
 
-__all__ = ["JobNodeOptions", "main", "run_job_node"]
+__all__ = ["JobOptions", "emit", "run_job_node"]
 
 log = logging.getLogger("p2pdl.schedule.runtime")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class JobNodeOptions:
-    """Everything one training node needs. `lead=True`: the leader (needs `job`); otherwise
-    a worker that joins `leader`."""
+class JobOptions:
+    """What a training node runs. `job` and the group settings are the leader's; workers
+    get the job from the leader."""
 
-    lead: bool
     job: str | None = None
-    """Task reference "package.module:attr" (leader only; workers get the job from it)."""
-    leader: tuple[str, int] | None = None
-    """(host, port) of the leader to join (workers only)."""
+    """Task reference "package.module:attr" (leader only)."""
     nodes: int = 1
     """Nodes, the leader included, to wait for before the first step (leader)."""
     min_nodes: int | None = None
@@ -67,13 +67,6 @@ class JobNodeOptions:
     """Groups between checkpoints."""
     resume: bool = False
     """Start from checkpoint_dir's checkpoint."""
-    host: str = "127.0.0.1"
-    port: int = 0
-    secret: bytes | None = None
-    insecure: bool = False
-    cluster_id: str = "p2pdl"
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    limits: Limits = field(default_factory=Limits)
     start_timeout: float = 120.0
     """Leader: how long to wait for the first `nodes` nodes to be ready."""
     leader_timeout: float = 30.0
@@ -85,13 +78,6 @@ class JobNodeOptions:
     """Job spec fields that replace the task's (e.g. epochs, dataset_size, params)."""
 
     def __post_init__(self) -> None:
-        if self.lead:
-            if not self.job:
-                raise ConfigError("the leader needs a job (--job module:attr)")
-            if self.leader is not None:
-                raise ConfigError("a node either leads (--lead) or joins (--leader), not both")
-        elif self.leader is None:
-            raise ConfigError("a worker needs the leader's address (--leader host:port)")
         for name in ("nodes", "lookahead", "checkpoint_every", "prefetch_depth"):
             value = getattr(self, name)
             low = 0 if name == "lookahead" else 1
@@ -115,74 +101,29 @@ class JobNodeOptions:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number")
-        if self.secret is not None and len(self.secret) < 8:
-            raise ConfigError("the shared secret must be at least 8 bytes")
-        if self.secret is None and not self.insecure and not is_loopback(self.host):
-            raise ConfigError(
-                f"refusing to listen on {self.host} without a shared secret; "
-                "set P2PDL_SECRET or --secret-file, or pass --insecure"
-            )
 
-    @classmethod
-    def from_cli(cls, args: Any, node_kwargs: Mapping[str, Any]) -> JobNodeOptions:
-        """From the CLI's parsed `node` arguments and its `_node_kwargs` (secret, timeouts…)."""
-        group_size: int | Literal["auto"] | None = None
-        raw = getattr(args, "group_size", None)
-        if raw is not None:
-            if raw == "auto":
-                group_size = "auto"
-            else:
-                try:
-                    group_size = int(raw)
-                except ValueError:
-                    raise ConfigError(
-                        f"--group-size must be an integer or 'auto', got {raw!r}"
-                    ) from None
-        lead = bool(getattr(args, "lead", False) or getattr(args, "job", None))
-        values: dict[str, Any] = {
-            "lead": lead,
-            "job": getattr(args, "job", None),
-            "leader": node_kwargs.get("leader") if not lead else None,
-            "nodes": node_kwargs.get("world_size") or getattr(args, "nodes", None) or 1,
-            "min_nodes": getattr(args, "min_nodes", None),
-            "bsp": bool(getattr(args, "bsp", False)),
-            "group_size": group_size,
-            "lookahead": getattr(args, "lookahead", 1),
-            "checkpoint_dir": getattr(args, "checkpoint_dir", None),
-            "checkpoint_every": getattr(args, "checkpoint_every", 10),
-            "resume": bool(getattr(args, "resume", False)),
-            "stall_timeout": float(getattr(args, "stall_timeout", 10.0)),
-            "secret": node_kwargs.get("secret"),
-            "insecure": bool(node_kwargs.get("insecure", False)),
-            "cluster_id": node_kwargs.get("cluster_id", "p2pdl"),
+    def check_role(self, config: NodeConfig) -> None:
+        """Leader-only settings on a leader only; a leader needs a job."""
+        if config.mode == "lead":
+            if not self.job:
+                raise ConfigError("the leader needs a job (--job module:attr)")
+            return
+        if config.mode != "join":
+            raise ConfigError("a training node leads (--lead) or joins a leader (--leader)")
+        leader_only = {
+            "--job": self.job is not None,
+            "--min-nodes": self.min_nodes is not None,
+            "--bsp": self.bsp,
+            "--group-size": self.group_size is not None,
+            "--checkpoint-dir": self.checkpoint_dir is not None,
+            "--resume": self.resume,
         }
-        if node_kwargs.get("timeouts") is not None:
-            values["timeouts"] = node_kwargs["timeouts"]
-        if node_kwargs.get("host") is not None:
-            values["host"] = node_kwargs["host"]
-        if node_kwargs.get("port") is not None:
-            values["port"] = node_kwargs["port"]
-        return cls(**values)
-
-    @classmethod
-    def from_json(cls, text: str) -> JobNodeOptions:
-        """Options from a JSON object (tests, benchmarks): same field names; `leader` and
-        addresses as "host:port"; `timeouts` as a mapping; `secret` as a string."""
-        from p2pdl.membership import parse_address
-
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ConfigError("options must be a JSON object")
-        if isinstance(data.get("leader"), str):
-            data["leader"] = parse_address(data["leader"], "leader")
-        if isinstance(data.get("timeouts"), dict):
-            data["timeouts"] = Timeouts(**data["timeouts"])
-        if isinstance(data.get("secret"), str):
-            data["secret"] = data["secret"].encode()
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"unknown option(s) {unknown}")
-        return cls(**data)
+        given = [flag for flag, set_ in leader_only.items() if set_]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)}: the leader's settings; a joining node gets its job "
+                "from the leader"
+            )
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -190,13 +131,14 @@ def emit(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, **fields}, default=str), flush=True)
 
 
-async def run_job_node(options: JobNodeOptions) -> int:
+async def run_job_node(config: NodeConfig, options: JobOptions) -> int:
     """Run one node of a training job to the end; returns the process exit status."""
     try:
-        if options.lead:
-            summary = await _run_leader(options)
+        options.check_role(config)
+        if config.mode == "lead":
+            summary = await _run_leader(config, options)
         else:
-            summary = await _run_worker(options)
+            summary = await _run_worker(config, options)
     except ConfigError as exc:
         print(f"p2pdl node: error: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -207,7 +149,7 @@ async def run_job_node(options: JobNodeOptions) -> int:
     return 0
 
 
-def _build_job(options: JobNodeOptions, task: Any) -> Job:
+def _build_job(options: JobOptions, task: Any) -> Job:
     assert options.job is not None
     spec = dict(task_spec(task, options.job))
     spec.update(options.job_overrides)
@@ -263,11 +205,16 @@ def _check_resume(
             )
     if meta.get("digest") != digest:
         log.warning("--resume: the task's source changed since the checkpoint was written")
-    if snap.weights.size != model.size or sorted(snap.state) != sorted(model.state):
+    if snap.weights.size != model.size or sorted(snap.state) != sorted(model.opt.state_names):
         raise ConfigError("--resume: the checkpoint does not fit the task's model")
 
 
-async def _run_leader(options: JobNodeOptions) -> dict[str, Any]:
+def _optimizer_wire(model: ModelState) -> dict[str, Any]:
+    """What every node's optimizer must agree on (the learning rate travels per step)."""
+    return {**model.opt.to_wire(), "lr": 0.0}
+
+
+async def _run_leader(config: NodeConfig, options: JobOptions) -> dict[str, Any]:
     assert options.job is not None
     task = resolve_task(options.job)
     job = _build_job(options, task)
@@ -277,49 +224,56 @@ async def _run_leader(options: JobNodeOptions) -> dict[str, Any]:
         assert options.checkpoint_dir is not None
         snap, meta = load_checkpoint(options.checkpoint_dir)
         _check_resume(snap, meta, job, model, digest)
-        model.restore(snap)
+        model.restore_checkpoint(snap)
         log.info("resuming from the checkpoint of step %d", snap.step)
-    creds = Credentials(options.cluster_id, options.secret)
-    listener = Listener(creds, options.limits, options.timeouts)
-    address = await listener.start(options.host, options.port)
+    node = Node(config=config)
+    address = await node.listen()
     emit("ready", rank=0, address=f"{address[0]}:{address[1]}")
-    leader_end, worker_end = LocalChannel.pair()
+    desk = node.join_desk()
+    leader_end, worker_end = LocalChannel.pair(check)
     settings = LeaderSettings(
         nodes=options.nodes,
         lookahead=options.lookahead,
         bsp=options.bsp,
         group_size=job.group_size,
-        timeouts=options.timeouts,
+        timeouts=config.timeouts,
         start_timeout=options.start_timeout,
         leader_timeout=options.leader_timeout,
         controller=GroupSizeController(),
+        checkpoint_every=options.checkpoint_every if options.checkpoint_dir else None,
     )
     leader = Leader(
         job=job,
         digest=digest,
         params=model.size,
-        optimizer=model.opt.to_wire(),
+        optimizer=_optimizer_wire(model),
         settings=settings,
         local_channel=leader_end,
         local_address=address,
         model=model,
         emit=emit,
+        resumed=options.resume,
     )
-    listener.join_handler = leader.on_join
-    writer = _CheckpointWriter(options, job, digest, model)
+    writer = _CheckpointWriter(options, job, digest)
     worker = Worker(
         task=task,
         ctx=ctx,
         model=model,
         job=job,
-        listener=listener,
+        node=node,
         channel=worker_end,
-        timeouts=options.timeouts,
+        timeouts=config.timeouts,
         leader_timeout=None,
         stall_timeout=options.stall_timeout,
         prefetch_depth=options.prefetch_depth,
-        on_boundary=writer.boundary if options.checkpoint_dir else None,
+        on_checkpoint=writer.write if options.checkpoint_dir else None,
     )
+
+    async def admit_joiners() -> None:
+        while True:
+            leader.admit(await desk.accept())
+
+    admitting = asyncio.ensure_future(admit_joiners())
     worker_task = asyncio.ensure_future(worker.run())
     leader_task = asyncio.ensure_future(leader.run())
     try:
@@ -333,49 +287,40 @@ async def _run_leader(options: JobNodeOptions) -> dict[str, Any]:
             # The local worker said bye: the leader is collecting the others' byes.
         summary = await leader_task
         with contextlib.suppress(BaseException):
-            async with asyncio.timeout(options.timeouts.shutdown):
+            async with asyncio.timeout(config.timeouts.shutdown):
                 await worker_task
         await writer.wait()
         return summary
     finally:
-        for t in (leader_task, worker_task):
+        for t in (admitting, leader_task, worker_task):
             if not t.done():
                 t.cancel()
                 with contextlib.suppress(BaseException):
                     await t
         leader_end.close()
-        await listener.close()
+        desk.close()
+        await node.close()
 
 
 class _CheckpointWriter:
-    """Writes rank 0's boundary snapshot every K groups, off the event loop, one at a time."""
+    """Writes rank 0's checkpoints off the event loop, one at a time, newest wins."""
 
-    def __init__(self, options: JobNodeOptions, job: Job, digest: str, model: ModelState) -> None:
+    def __init__(self, options: JobOptions, job: Job, digest: str) -> None:
         self.options = options
         self.meta = {"job": job.to_wire(), "digest": digest}
-        self.model = model
-        self.boundaries = 0
         self.pending: asyncio.Future[Any] | None = None
 
-    def boundary(self, snap: Snapshot, group_id: int) -> None:
-        self.boundaries += 1
-        last = snap.step >= self.model.job.total_steps
-        if self.boundaries % self.options.checkpoint_every and not last:
-            return
-        if self.pending is not None and not self.pending.done() and not last:
-            return  # the previous write is still going: the next boundary will catch up
+    def write(self, snap: Snapshot, group_id: int) -> None:
         assert self.options.checkpoint_dir is not None
         meta = {**self.meta, "group_id": group_id}
         previous = self.pending
-
-        def write() -> None:
-            save_checkpoint(self.options.checkpoint_dir or ".", snap, meta)
+        folder = self.options.checkpoint_dir
 
         async def run() -> None:
             if previous is not None:
                 with contextlib.suppress(Exception):
                     await previous
-            await asyncio.to_thread(write)
+            await asyncio.to_thread(save_checkpoint, folder, snap, meta)
 
         self.pending = asyncio.ensure_future(run())
 
@@ -384,27 +329,24 @@ class _CheckpointWriter:
             await self.pending
 
 
-async def _run_worker(options: JobNodeOptions) -> dict[str, Any]:
-    assert options.leader is not None
-    creds = Credentials(options.cluster_id, options.secret)
-    listener = Listener(creds, options.limits, options.timeouts)
-    address = await listener.start(options.host, options.port)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + options.timeouts.connect
-    channel: LinkChannel | None = None
-    worker: Worker | None = None
+async def _run_worker(config: NodeConfig, options: JobOptions) -> dict[str, Any]:
+    assert config.leader is not None
+    node = Node(config=config)
+    channel: ControlChannel | None = None
+    leader_text = f"{config.leader[0]}:{config.leader[1]}"
     try:
-        host, port = address
-        link = await dial(*options.leader, options.limits, deadline, label="the leader")
-        if host in ("", "0.0.0.0", "::") and link._transport is not None:
-            host = link._transport.get_extra_info("sockname")[0]
-        async with asyncio.timeout_at(deadline):
-            await dial_handshake(link, creds, -1, 0, {"join": True, "addr": [host, port]})
-        first_frame = await _recv_first_frame(link, options)
-        if first_frame is None:  # a plain cluster's leader: be a plain member of it
-            return await _serve_plain_member(link, listener, options)
-        first = decode(first_frame, sender=0)
-        channel = LinkChannel(link, peer_rank=0, label="the leader", first_recv=2)
+        host, port = await node.listen()
+        loop = asyncio.get_running_loop()
+        try:
+            channel = await node.dial_leader(loop.time() + config.timeouts.connect)
+        except CollectiveTimeoutError:
+            raise JobError(
+                f"could not join the leader at {leader_text} within {config.timeouts.connect:.3g}s"
+            ) from None
+        first = await _recv_first(channel, options)
+        if first["k"] == "table":  # a plain cluster's leader: be a plain member of it
+            return await _serve_plain_member(node, first)
+        first = check(first, sender="the leader")
         if first["k"] == "error":
             raise JobError(f"the leader refused this node: {first['reason']}")
         if first["k"] != "job":
@@ -414,12 +356,10 @@ async def _run_worker(options: JobNodeOptions) -> dict[str, Any]:
             task = resolve_task(job.task)
             digest = task_digest(job.task)
         except ConfigError as exc:
-            await channel.send(
-                {"k": "hello", "addr": [host, port], "digest": None, "error": str(exc)}
-            )
+            await channel.send({"k": "hello", "digest": None, "error": str(exc)})
             raise ConfigError(f"cannot run the leader's job: {exc}") from None
-        await channel.send({"k": "hello", "addr": [host, port], "digest": digest, "error": None})
-        reply = await _recv_first(channel, options)
+        await channel.send({"k": "hello", "digest": digest, "error": None})
+        reply = check(await _recv_first(channel, options), sender="the leader")
         if reply["k"] == "error":
             raise JobError(f"the leader refused this node: {reply['reason']}")
         try:
@@ -431,7 +371,7 @@ async def _run_worker(options: JobNodeOptions) -> dict[str, Any]:
             {
                 "k": "setup_done",
                 "params": model.size,
-                "optimizer": model.opt.to_wire(),
+                "optimizer": _optimizer_wire(model),
                 "error": None,
             }
         )
@@ -444,72 +384,35 @@ async def _run_worker(options: JobNodeOptions) -> dict[str, Any]:
             ctx=ctx,
             model=model,
             job=job,
-            listener=listener,
+            node=node,
             channel=channel,
-            timeouts=options.timeouts,
+            timeouts=config.timeouts,
             leader_timeout=options.leader_timeout,
             stall_timeout=options.stall_timeout,
             prefetch_depth=options.prefetch_depth,
             on_ready=ready,
         )
         return await worker.run()
-    except TimeoutError:
-        raise JobError(
-            f"could not join the leader at {options.leader[0]}:{options.leader[1]} within "
-            f"{options.timeouts.connect:.3g}s"
-        ) from None
     finally:
         if channel is not None:
             channel.close()
-        await listener.close()
+        await node.close()
 
 
-async def _recv_first_frame(link: Link, options: JobNodeOptions) -> memoryview | None:
-    """The leader's first control frame; None when the leader runs a plain cluster (its
-    first frame is the rendezvous peer table, not a job)."""
-    try:
-        async with asyncio.timeout(options.leader_timeout):
-            header, payload = await link.post(TABLE_TAG)
-    except TimeoutError:
-        raise JobError(f"no word from the leader for {options.leader_timeout:.3g}s") from None
-    except P2PDLError as exc:
-        raise JobError(f"lost the leader while joining: {exc}") from None
-    if "peers" in header or "error" in header:
-        link.plain_table = header  # type: ignore[attr-defined]
-        return None
-    return payload
-
-
-async def _serve_plain_member(
-    link: Link, listener: Listener, options: JobNodeOptions
-) -> dict[str, Any]:
-    """Join a leader that runs no job: form the mesh, then serve until SIGTERM/SIGINT."""
-    rank, peers = parse_table(link.plain_table)  # type: ignore[attr-defined]
-    link.close()
-    mesh = Mesh(rank, peers, listener, options.timeouts)
-    stop = asyncio.get_running_loop().create_future()
+async def _serve_plain_member(node: Node, table: dict[str, Any]) -> dict[str, Any]:
+    """Join a leader that runs no job: form the session, then serve until SIGTERM/SIGINT."""
+    rank, peers = parse_table(table)
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(
-            signum, lambda: stop.done() or stop.set_result(None)
-        )
-    collectives = Collectives(
-        mesh, timeout=options.timeouts.operation, host_ids=[host for host, _port in peers]
-    )
-    try:
-        await mesh.connect()
-        await collectives.prepare()  # the leader's Node.start probes shared memory with us
-        emit(
-            "ready", rank=rank, world_size=len(peers), address=f"{peers[rank][0]}:{peers[rank][1]}"
-        )
-        await stop
-    finally:
-        await mesh.close()
-        await listener.close()
-        collectives.close()
+        loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
+    await node.enter(membership_of(0, peers), rank)
+    emit("ready", rank=rank, world_size=len(peers), address=f"{peers[rank][0]}:{peers[rank][1]}")
+    await stop
     return {"rank": rank, "world_size": len(peers), "job": None}
 
 
-async def _recv_first(channel: LinkChannel, options: JobNodeOptions) -> dict[str, Any]:
+async def _recv_first(channel: ControlChannel, options: JobOptions) -> dict[str, Any]:
     try:
         async with asyncio.timeout(options.leader_timeout):
             return await channel.recv()
@@ -517,30 +420,3 @@ async def _recv_first(channel: LinkChannel, options: JobNodeOptions) -> dict[str
         raise JobError(f"no word from the leader for {options.leader_timeout:.3g}s") from None
     except P2PDLError as exc:
         raise JobError(f"lost the leader while joining: {exc}") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m p2pdl.schedule.runtime '<options json>'` (tests and benchmarks)."""
-    import uvloop
-
-    args = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(
-        level=logging.INFO if "--verbose" in args else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    args = [a for a in args if a != "--verbose"]
-    if len(args) != 1:
-        print(
-            "usage: python -m p2pdl.schedule.runtime [--verbose] '<options json>'", file=sys.stderr
-        )
-        return 2
-    try:
-        options = JobNodeOptions.from_json(args[0])
-    except (ConfigError, ValueError, TypeError) as exc:
-        print(f"p2pdl node: error: {exc}", file=sys.stderr)
-        return 2
-    return uvloop.run(run_job_node(options))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -42,20 +42,17 @@ import hashlib
 import importlib
 import inspect
 import logging
-import math
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from p2pdl import kernels
+from p2pdl.collectives.sharded import OptimizerConfig
 from p2pdl.errors import ConfigError
 from p2pdl.schedule.job import Job
 
 __all__ = [
-    "OptimizerConfig",
     "Task",
     "TaskContext",
     "resolve_task",
@@ -63,8 +60,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("p2pdl.schedule.task")
-
-OptimizerKind = Literal["sgd", "adam", "adamw"]
 
 
 @runtime_checkable
@@ -76,87 +71,6 @@ class Task(Protocol):
     def setup(self, ctx: TaskContext) -> None: ...
 
     def step(self, ctx: TaskContext, samples: np.ndarray, lr: float) -> Mapping[str, Any]: ...
-
-
-def _num(value: object, name: str, lo: float, hi: float, *, hi_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"optimizer field {name!r}: expected a number, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number) or number < lo or number > hi or (hi_open and number >= hi):
-        raise ConfigError(f"optimizer field {name!r}: {number} is outside [{lo}, {hi}]")
-    return number
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class OptimizerConfig:
-    """The sharded optimizer: torch.optim.SGD or Adam/AdamW semantics (p2pdl.kernels).
-
-    The learning rate comes from the job's schedule, step by step.
-    """
-
-    kind: OptimizerKind = "sgd"
-    momentum: float = 0.0
-    dampening: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    amsgrad: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("sgd", "adam", "adamw"):
-            raise ConfigError(
-                f"optimizer field 'kind': must be sgd, adam or adamw, got {self.kind!r}"
-            )
-        _num(self.momentum, "momentum", 0.0, 1.0, hi_open=True)
-        _num(self.dampening, "dampening", 0.0, 1.0)
-        _num(self.weight_decay, "weight_decay", 0.0, math.inf)
-        _num(self.eps, "eps", 0.0, math.inf)
-        if not isinstance(self.nesterov, bool) or not isinstance(self.amsgrad, bool):
-            raise ConfigError("optimizer fields 'nesterov' and 'amsgrad' must be booleans")
-        if self.nesterov and (self.kind != "sgd" or self.momentum <= 0 or self.dampening != 0):
-            raise ConfigError("nesterov needs kind 'sgd', momentum > 0 and dampening == 0")
-        betas = tuple(self.betas)
-        if len(betas) != 2:
-            raise ConfigError(f"optimizer field 'betas': expected two numbers, got {betas!r}")
-        for i, beta in enumerate(betas):
-            _num(beta, f"betas[{i}]", 0.0, 1.0, hi_open=True)
-        object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
-
-    @classmethod
-    def from_mapping(cls, data: object) -> OptimizerConfig:
-        if isinstance(data, OptimizerConfig):
-            return data
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"optimizer: expected a mapping, got {type(data).__name__}")
-        allowed = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ConfigError(f"optimizer: unknown field(s) {unknown}; allowed {sorted(allowed)}")
-        values = dict(data)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
-        return cls(**values)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "momentum": self.momentum,
-            "dampening": self.dampening,
-            "nesterov": self.nesterov,
-            "weight_decay": self.weight_decay,
-            "betas": list(self.betas),
-            "eps": self.eps,
-            "amsgrad": self.amsgrad,
-        }
-
-    @property
-    def state_names(self) -> tuple[str, ...]:
-        """The per-element state buffers this optimizer keeps (in a fixed order)."""
-        if self.kind == "sgd":
-            return ("momentum",) if self.momentum != 0 else ()
-        names = ("exp_avg", "exp_avg_sq")
-        return (*names, "max_exp_avg_sq") if self.amsgrad else names
 
 
 class TaskContext:
@@ -219,54 +133,6 @@ class TaskContext:
         assert self._allocate is not None, "the runtime installs the allocator"
         self._allocate(self, array, config, replicas)
         return self.weights
-
-
-def optimizer_step(
-    config: OptimizerConfig,
-    weights: np.ndarray,
-    grad: np.ndarray,
-    *,
-    lr: float,
-    steps_done: int,
-    momentum: np.ndarray | None = None,
-    exp_avg: np.ndarray | None = None,
-    exp_avg_sq: np.ndarray | None = None,
-    max_exp_avg_sq: np.ndarray | None = None,
-) -> None:
-    """One torch.optim-equivalent step on a weight slice, with the kernels (in place).
-
-    `steps_done` counts the steps this state has taken before (0 on the first one); the state
-    buffers are the slices of the optimizer's per-element state that `config` needs.
-    """
-    if config.kind == "sgd":
-        kernels.sgd_step(
-            weights,
-            grad,
-            momentum,
-            lr=lr,
-            momentum=config.momentum,
-            dampening=config.dampening,
-            weight_decay=config.weight_decay,
-            nesterov=config.nesterov,
-            first_step=steps_done == 0,
-        )
-        return
-    assert exp_avg is not None and exp_avg_sq is not None, "Adam keeps two state buffers"
-    kernels.adam_step(
-        weights,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        step=steps_done + 1,
-        lr=lr,
-        beta1=config.betas[0],
-        beta2=config.betas[1],
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-        decoupled=config.kind == "adamw",
-        amsgrad=config.amsgrad,
-        vmax=max_exp_avg_sq,
-    )
 
 
 def resolve_task(reference: str) -> Any:

@@ -1,253 +1,53 @@
 """The worker: runs the groups the leader pushes, with only peer-to-peer AllReduce between steps.
 
 Per step: the task fills the gradient buffer(s); the runtime appends the step's in-band
-accounting (loss sum, sample count, sample-index sum) to the gradient, and runs the
-two-phase AllReduce with the sharded optimizer as `on_slice`:
+accounting (loss sum, sample count, sample-index sum) to the gradient and runs the sharded
+step (`p2pdl.collectives.sharded.sharded_step`): one allreduce whose owners update their
+range of the weights as its chunks are reduced and share the new weights — whatever
+algorithm `auto` picks for the buffer (the one-hop exchange for small models, where every
+rank owns everything; BigDL's sliced exchange; shared memory on one host; the per-host
+hierarchy).
 
-* small models (`choose_algorithm` picks the one-hop `direct` exchange): every rank owns the
-  whole buffer, `on_slice(0, n)` updates the weight buffer in place from the reduced
-  gradient — no all-gather and no copy at all;
-* otherwise one `sliced` allreduce with an `on_chunk` hook: the owner of each slice updates
-  **its slice of the weight buffer** chunk by chunk as the chunks are reduced and puts the new
-  weights in the chunk's place, so the all-gather of early chunks overlaps the reduction of
-  later ones; the gathered buffer (the new weights) is copied into the weight buffer.
-
-The optimizer state is kept full-size on every node; each owner updates the part it owns.
-At a group boundary, when slices were owned by different ranks, the state is all-gathered so
-that every node holds the whole of it; then the node takes an in-memory `Snapshot` (it keeps
-the last two: survivors of a failure may have finished different boundaries, and roll back
-to the latest one they all hold). Re-slicing for a new membership therefore needs no state
-transfer among survivors; a joining node receives weights and state by broadcast from rank 0.
-
-Membership epochs: each epoch gets a fresh `Mesh` on the node's one listener; mesh
-handshakes carry the epoch, and the listener admits only the current epoch's ranks.
+Membership epochs: each epoch is a session of the node (`Node.enter`), formed when the
+leader says `epoch`; at `start` the members take rank 0's weights if asked (joins, the first
+epoch), rebuild the optimizer state of their new ranges from the pieces the leader assigned
+(`decisions.choose_rollback`), and keep the epoch's first boundary. At every group boundary
+a node keeps a `Boundary` and hands a replica of its own state piece to the next rank.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import hashlib
 import logging
-import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from p2pdl import kernels
-from p2pdl.collectives.api import Collectives, choose_algorithm
 from p2pdl.collectives.compute import Compute
+from p2pdl.collectives.sharded import gather_state, sharded_step
 from p2pdl.config import Timeouts
 from p2pdl.errors import P2PDLError, PeerLostError, ProtocolError
-from p2pdl.mesh import Listener, Mesh
+from p2pdl.node import Node
+from p2pdl.rendezvous import Channel
 from p2pdl.schedule.checkpoint import Snapshot
+from p2pdl.schedule.decisions import Piece, holdings_from_wire
+from p2pdl.schedule.errors import JobError
 from p2pdl.schedule.job import Job
+from p2pdl.schedule.model import TAIL, ModelState, StatePiece
 from p2pdl.schedule.plan import IterationGroup, StepPlan, sample_indices
-from p2pdl.schedule.protocol import Channel
-from p2pdl.schedule.task import OptimizerConfig, TaskContext, optimizer_step
+from p2pdl.schedule.prefetch import Prefetcher
+from p2pdl.schedule.task import TaskContext
+from p2pdl.session import membership_of
 
 log = logging.getLogger("p2pdl.schedule.worker")
 
-TAIL = 4
-"""In-band accounting slots after the gradient: sample count, index sum, loss sum, spare
-(the same order as `ModelState.totals`)."""
-
-KEEP_SNAPSHOTS = 2
+REPLICA_TAG = 17
+"""Point-to-point tag of the state replica handed to the next rank at a boundary."""
 
 
-class JobError(P2PDLError):
-    """The job cannot go on (told by the leader, or the leader is gone)."""
-
-
-# ------------------------------------------------------------------ membership epochs
-# ------------------------------------------------------------------------- prefetching
-class Prefetcher:
-    """A background thread preparing the sample indices (and `task.prepare`) of coming steps."""
-
-    def __init__(self, fn: Callable[[Any], Any], depth: int = 4) -> None:
-        self._fn = fn
-        self._depth = max(1, depth)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="p2pdl-prefetch")
-        self._pending: collections.deque[tuple[Any, Any]] = collections.deque()
-        self._ready: collections.deque[tuple[Any, Future[Any]]] = collections.deque()
-
-    def extend(self, items: list[tuple[Any, Any]]) -> None:
-        """Queue (key, argument) pairs, in the order they will be asked for."""
-        self._pending.extend(items)
-        self._fill()
-
-    def _fill(self) -> None:
-        while len(self._ready) < self._depth and self._pending:
-            key, arg = self._pending.popleft()
-            self._ready.append((key, self._pool.submit(self._fn, arg)))
-
-    async def get(self, key: Any) -> Any:
-        if not self._ready:
-            self._fill()
-        if not self._ready or self._ready[0][0] != key:
-            raise RuntimeError(f"prefetch order broken: asked for {key}")
-        _, future = self._ready.popleft()
-        self._fill()
-        if future.done():
-            return future.result()
-        return await asyncio.wrap_future(future)
-
-    def clear(self) -> None:
-        self._pending.clear()
-        for _, future in self._ready:
-            future.cancel()
-        self._ready.clear()
-
-    def close(self) -> None:
-        self.clear()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-# --------------------------------------------------------------------------- model state
-class ModelState:
-    """The runtime-owned buffers of one node: weights, gradients, optimizer state, accounting."""
-
-    def __init__(self, job: Job) -> None:
-        self.job = job
-        self.size = 0
-        self.weights_ext = np.zeros(TAIL, np.float32)
-        self.grads_ext: list[np.ndarray] = []
-        self.opt = OptimizerConfig()
-        self.state: dict[str, np.ndarray] = {}
-        self.opt_steps = 0
-        self.totals = np.zeros((job.epochs, 3), np.float64)
-        self.next_step = 0
-        self.snapshots: dict[int, Snapshot] = {}
-
-    def allocate(
-        self, ctx: TaskContext, initial: np.ndarray, opt: OptimizerConfig, replicas: int
-    ) -> None:
-        size = initial.size
-        self.size = size
-        self.opt = opt
-        self.weights_ext = np.zeros(size + TAIL, np.float32)
-        self.weights_ext[:size] = initial
-        self.grads_ext = [np.zeros(size + TAIL, np.float32) for _ in range(replicas)]
-        self.state = {name: np.zeros(size + TAIL, np.float32) for name in opt.state_names}
-        ctx.weights = self.weights_ext[:size]
-        ctx.grads = [g[:size] for g in self.grads_ext]
-
-    @property
-    def weights(self) -> np.ndarray:
-        return self.weights_ext[: self.size]
-
-    def weights_sha256(self) -> str:
-        return hashlib.sha256(self.weights.tobytes()).hexdigest()
-
-    # ------------------------------------------------------------------- the optimizer
-    def apply(self, start: int, stop: int, grad: np.ndarray, lr: float) -> None:
-        """Optimizer step on weights[start:stop] with the (already normalised) gradient."""
-        st = {name: array[start:stop] for name, array in self.state.items()}
-        optimizer_step(
-            self.opt,
-            self.weights_ext[start:stop],
-            grad,
-            lr=lr,
-            steps_done=self.opt_steps,
-            momentum=st.get("momentum"),
-            exp_avg=st.get("exp_avg"),
-            exp_avg_sq=st.get("exp_avg_sq"),
-            max_exp_avg_sq=st.get("max_exp_avg_sq"),
-        )
-
-    def warm_kernels(self) -> int:
-        """Run every kernel a step can use once, on scratch arrays; returns how many calls.
-
-        A process's first call of a kernel costs ~0.3 s even when Numba's on-disk cache holds
-        it (LLVM start-up), and seconds when it must compile. Paid here, during setup, it
-        stays out of the first group (it used to make group 0 ten times slower than the
-        rest) and out of the leader's timings.
-        """
-        n = 8
-        dtype = self.weights_ext.dtype
-        modes = [False, True] if self.weights_ext.size >= kernels.parallel_threshold() else [False]
-        dst, src = np.zeros(n, dtype), np.ones(n, dtype)
-        calls = 0
-        for parallel in modes:
-            kernels.add_(dst, src, parallel=parallel)
-            kernels.scale_(dst, 1.0, parallel=parallel)
-            calls += 2
-            for count in range(1, 6):  # the fixed-arity kernels and the general one
-                kernels.sum_into(dst, [dst] + [src] * count, parallel=parallel)
-                head = np.zeros(n, dtype)
-                kernels.sum_into(head, [src] * (count + 1), parallel=parallel)
-                calls += 2
-        state = {name: np.zeros(n, dtype) for name in self.state}
-        for steps_done in (0, 1):
-            optimizer_step(
-                self.opt,
-                dst,
-                src,
-                lr=0.0,
-                steps_done=steps_done,
-                momentum=state.get("momentum"),
-                exp_avg=state.get("exp_avg"),
-                exp_avg_sq=state.get("exp_avg_sq"),
-                max_exp_avg_sq=state.get("max_exp_avg_sq"),
-            )
-            calls += 1
-        return calls
-
-    # -------------------------------------------------------------------- snapshots
-    def snapshot(self) -> Snapshot:
-        snap = Snapshot(
-            step=self.next_step,
-            weights=self.weights.copy(),
-            state={name: array[: self.size].copy() for name, array in self.state.items()},
-            opt_steps=self.opt_steps,
-            totals=self.totals.copy(),
-        )
-        self.snapshots[snap.step] = snap
-        for old in sorted(self.snapshots)[:-KEEP_SNAPSHOTS]:
-            del self.snapshots[old]
-        return snap
-
-    def restore(self, snap: Snapshot) -> None:
-        if snap.weights.size != self.size or set(snap.state) != set(self.state):
-            raise JobError(
-                f"snapshot of step {snap.step} does not fit this model "
-                f"({snap.weights.size} weights, state {sorted(snap.state)}; "
-                f"model has {self.size}, {sorted(self.state)})"
-            )
-        self.weights_ext[: self.size] = snap.weights
-        for name, array in self.state.items():
-            array[: self.size] = snap.state[name]
-        self.opt_steps = snap.opt_steps
-        self.totals[...] = snap.totals
-        self.next_step = snap.step
-
-    def restore_step(self, step: int) -> None:
-        snap = self.snapshots.get(step)
-        if snap is None:
-            raise JobError(
-                f"cannot roll back to step {step}: this node holds snapshots of steps "
-                f"{sorted(self.snapshots)}"
-            )
-        self.restore(snap)
-        for later in [s for s in self.snapshots if s > step]:
-            del self.snapshots[later]
-
-    def meta_array(self) -> np.ndarray:
-        """Scalars and accounting as one float64 array (for the join broadcast)."""
-        return np.concatenate(
-            [np.array([self.next_step, self.opt_steps], np.float64), self.totals.reshape(-1)]
-        )
-
-    def load_meta_array(self, meta: np.ndarray) -> None:
-        self.next_step = int(meta[0])
-        self.opt_steps = int(meta[1])
-        self.totals[...] = meta[2:].reshape(self.totals.shape)
-
-
-# ------------------------------------------------------------------------------ worker
 class Worker:
     """One node's training loop, driven by the leader's control messages."""
 
@@ -258,36 +58,33 @@ class Worker:
         ctx: TaskContext,
         model: ModelState,
         job: Job,
-        listener: Listener,
+        node: Node,
         channel: Channel,
         timeouts: Timeouts,
         leader_timeout: float | None,
         stall_timeout: float,
         prefetch_depth: int = 4,
         on_ready: Callable[[int], None] | None = None,
-        on_boundary: Callable[[Snapshot, int], Any] | None = None,
+        on_checkpoint: Callable[[Snapshot, int], Any] | None = None,
     ) -> None:
         self.task = task
         self.ctx = ctx
         self.model = model
         self.job = job
-        self.listener = listener
+        self.node = node
         self.channel = channel
         self.timeouts = timeouts
         self.leader_timeout = leader_timeout
         self.stall_timeout = stall_timeout
         self.on_ready = on_ready
-        self.on_boundary = on_boundary
+        self.on_checkpoint = on_checkpoint
         self.epoch = -1
         self.rank = -1
         self.world_size = 0
-        self.peers: list[tuple[str, int]] = []
-        self.mesh: Mesh | None = None
-        self.collectives: Collectives | None = None
         self.compute: Compute | None = None
-        self._sync = False
-        self._direct = True
-        self._groups: asyncio.Queue[IterationGroup] = asyncio.Queue()
+        self._start: dict[str, Any] | None = None
+        self._replicate = False
+        self._groups: asyncio.Queue[tuple[IterationGroup, bool]] = asyncio.Queue()
         self._trainer: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="p2pdl-step")
@@ -298,8 +95,6 @@ class Worker:
         self._stall_reported: tuple[int, int, str] | None = None
         self.steps_run = 0
         self.ready_announced = False
-        self._inv_batch = 1.0
-        self._lr = 0.0
 
     # ----------------------------------------------------------------- control loop
     async def run(self) -> dict[str, Any]:
@@ -313,8 +108,6 @@ class Worker:
                     self._on_group(message)
                 elif kind == "epoch":
                     await self._on_epoch(message)
-                elif kind == "connect":
-                    await self._on_connect(message)
                 elif kind == "start":
                     await self._on_start(message)
                 elif kind == "abort":
@@ -323,7 +116,7 @@ class Worker:
                         {
                             "k": "aborted",
                             "epoch": message["epoch"],
-                            "snapshots": sorted(self.model.snapshots),
+                            "holdings": [h.to_wire() for h in self.model.holdings()],
                         }
                     )
                 elif kind == "stop":
@@ -365,13 +158,7 @@ class Worker:
                     await task
         self._prefetch.close()
         self._step_pool.shutdown(wait=False, cancel_futures=True)
-        if self.mesh is not None:
-            await self.mesh.close()
-            self.mesh = None
-        if self.collectives is not None:
-            self.collectives.close()
-        if self.compute is not None:
-            self.compute.close()
+        await self.node.leave()
 
     # -------------------------------------------------------------- membership epochs
     async def _halt(self) -> None:
@@ -391,64 +178,41 @@ class Worker:
         await asyncio.wrap_future(self._step_pool.submit(lambda: None))
 
     async def _on_epoch(self, message: dict[str, Any]) -> None:
+        """Leave the old session, roll back if told, form the new epoch's session."""
         await self._halt()
-        if self.mesh is not None:
-            await self.mesh.close()
-            self.mesh = None
-        if self.collectives is not None:
-            self.collectives.close()  # its segments and its compute thread
-            self.collectives = None
-        if self.compute is not None:
-            self.compute.close()
-            self.compute = None
+        await self.node.leave()
         if message["restore"] is not None:
             self.model.restore_step(message["restore"])
-        peers = message["peers"]
+        peers = [(str(h), int(p)) for h, p in message["peers"]]
         self.epoch = message["epoch"]
         self.rank = message["rank"]
         self.world_size = len(peers)
-        self.peers = [(str(h), int(p)) for h, p in peers]
-        self._sync = message["sync"]
+        self._start = message
         self.ctx.rank, self.ctx.world_size = self.rank, self.world_size
-        self.listener.prepare(self.epoch, self.rank, self.world_size)
-        await self.channel.send({"k": "prepared", "epoch": self.epoch})
-
-    async def _on_connect(self, message: dict[str, Any]) -> None:
-        """Build this epoch's mesh; no data flows on it until the leader says start."""
-        if message["epoch"] != self.epoch:
-            return
-        try:
-            mesh = Mesh(self.rank, self.peers, self.listener, self.timeouts, epoch=self.epoch)
-            self.mesh = mesh
-            await mesh.connect()
-        except P2PDLError as exc:
-            await self._report_failure("connect", exc)
-            return
         self.compute = Compute()
-        self.collectives = Collectives(
-            mesh,
-            timeout=self.timeouts.operation,
-            compute=self.compute,
-            host_ids=[host for host, _port in self.peers],
-        )
         try:
-            if self.collectives.one_host:  # every member probes here, at the same point
-                await self.collectives.shm_usable()
+            await self.node.enter(membership_of(self.epoch, peers), self.rank, compute=self.compute)
         except P2PDLError as exc:
             await self._report_failure("connect", exc)
             return
-        nbytes = self.model.weights_ext.nbytes
-        self._direct = choose_algorithm(nbytes, self.world_size) == "direct"
         await self.channel.send({"k": "connected", "epoch": self.epoch})
 
     async def _on_start(self, message: dict[str, Any]) -> None:
-        """Every node is connected: synchronise state if asked, then train."""
-        if message["epoch"] != self.epoch or self.collectives is None:
+        """Every node is connected: begin the epoch in the background (an abort from the
+        leader must be able to stop it, as it stops training)."""
+        if message["epoch"] != self.epoch or not self.node.has_session or self._start is None:
             return
+        self._trainer = asyncio.ensure_future(self._begin_epoch())
+
+    async def _begin_epoch(self) -> None:
+        """Take rank 0's state if asked, rebuild the optimizer state of this node's new
+        range, keep the first boundary, then train."""
+        assert self._start is not None
         try:
-            if self._sync:
+            if self._start["sync"]:
                 await self._sync_state()
-                self.model.snapshot()
+            await self._assemble_state(self._start)
+            await self._keep_boundary()
         except P2PDLError as exc:
             await self._report_failure("start", exc)
             return
@@ -456,19 +220,64 @@ class Worker:
         if not self.ready_announced and self.on_ready is not None:
             self.ready_announced = True
             self.on_ready(self.rank)
-        self._trainer = asyncio.ensure_future(self._train())
+        await self._train()
 
     async def _sync_state(self) -> None:
-        """Everyone takes rank 0's weights, optimizer state and accounting (joins, start)."""
-        coll = self.collectives
-        assert coll is not None
+        """Everyone takes rank 0's weights and accounting (joins, the first epoch)."""
         model = self.model
-        await coll.broadcast(model.weights_ext, root=0)
-        for name in sorted(model.state):
-            await coll.broadcast(model.state[name], root=0)
+        await self.node.broadcast(model.weights_ext, root=0)
         meta = model.meta_array()
-        await coll.broadcast(meta, root=0)
+        await self.node.broadcast(meta, root=0)
         model.load_meta_array(meta)
+
+    def _owned(self, rank: int | None = None) -> tuple[int, int]:
+        model = self.model
+        start, stop = self.node.collectives.owned_range(model.size + TAIL, 4, rank=rank)
+        return min(start, model.size), min(stop, model.size)
+
+    async def _assemble_state(self, message: dict[str, Any]) -> None:
+        """Own this epoch's range; its state comes from the pieces the leader assigned (one
+        allreduce per state buffer of zeros and disjoint pieces: exact), or starts at zero."""
+        model = self.model
+        owned = self._owned()
+        self._replicate = self.world_size > 1 and owned != (0, model.size)
+        if not model.has_state or not message["assemble"]:
+            model.update.own(*owned)
+            return
+        pieces = _pieces(message["contribute"], model.size)
+        full = model.contribution(message["step"], pieces)
+        for name in model.opt.state_names:
+            await self.node.allreduce(full[name], "sum")
+        model.update.own(*owned, source=full)
+
+    async def _keep_boundary(self, group_id: int | None = None, checkpoint: bool = False) -> None:
+        """Keep the boundary at the current step: the own piece, and the predecessor's
+        replica (handed over now); write a checkpoint if this boundary is one."""
+        model = self.model
+        boundary = model.begin_boundary()
+        if self._replicate and "own" in boundary.pieces:
+            boundary.pieces["replica"] = await self._exchange_replicas(boundary.pieces["own"])
+        model.keep(boundary)
+        if checkpoint:
+            full = await gather_state(self.node.collectives, model.update)
+            if self.on_checkpoint is not None and self.rank == 0:
+                self.on_checkpoint(model.snapshot(full), group_id if group_id is not None else -1)
+
+    async def _exchange_replicas(self, own: StatePiece) -> StatePiece:
+        """Send this node's own piece to the next rank; receive the previous rank's."""
+        names = self.model.opt.state_names
+        n = self.world_size
+        succ, pred = (self.rank + 1) % n, (self.rank - 1) % n
+        start, stop = self._owned(pred)
+        outgoing = np.concatenate([own.arrays[name] for name in names]) if names else None
+        incoming = np.empty(len(names) * (stop - start), np.float32)
+        coll = self.node.collectives
+        await asyncio.gather(
+            coll.send(outgoing, succ, tag=REPLICA_TAG), coll.recv(incoming, pred, tag=REPLICA_TAG)
+        )
+        length = stop - start
+        arrays = {name: incoming[i * length : (i + 1) * length] for i, name in enumerate(names)}
+        return StatePiece(start, stop, arrays)
 
     async def _report_failure(self, phase: str, exc: P2PDLError) -> None:
         lost = list(getattr(exc, "ranks", ()) or getattr(exc, "missing", ()))
@@ -487,7 +296,7 @@ class Worker:
     # --------------------------------------------------------------------- training
     def _on_group(self, message: dict[str, Any]) -> None:
         group = IterationGroup.from_wire(message["plan"], rank=0)
-        if group.epoch != self.epoch or self._trainer is None:
+        if group.epoch != self.epoch or self._trainer is None or self._trainer.done():
             return  # planned for a membership this node has left: the leader re-plans
         if group.world_size != self.world_size:
             raise ProtocolError(
@@ -495,7 +304,7 @@ class Worker:
                 f"epoch {self.epoch} has {self.world_size}",
                 rank=0,
             )
-        self._groups.put_nowait(group)
+        self._groups.put_nowait((group, message["checkpoint"]))
         mine = [s.per_rank[self.rank] for s in group.steps]
         if self._prepare is None:
             # Index arrays only: one background job per group (not one thread hop per step).
@@ -519,16 +328,16 @@ class Worker:
             while True:
                 waited_from = loop.time()
                 self._progress = (self.epoch, self.model.next_step, "wait", waited_from)
-                group = await self._groups.get()
+                group, checkpoint = await self._groups.get()
                 wait = loop.time() - waited_from
-                await self._run_group(group, wait)
+                await self._run_group(group, checkpoint, wait)
         except asyncio.CancelledError:
             raise
         except P2PDLError as exc:
             self._progress = None
             await self._report_failure("step", exc)
 
-    async def _run_group(self, group: IterationGroup, wait: float) -> None:
+    async def _run_group(self, group: IterationGroup, checkpoint: bool, wait: float) -> None:
         loop = asyncio.get_running_loop()
         model = self.model
         if group.start_step != model.next_step:
@@ -562,13 +371,7 @@ class Worker:
             self.steps_run += 1
         tb = loop.time()
         self._progress = (self.epoch, model.next_step, "boundary", tb)
-        if not self._direct and model.state:
-            assert self.collectives is not None
-            for name in sorted(model.state):
-                await self.collectives.allgather(model.state[name])
-        snap = model.snapshot()
-        if self.on_boundary is not None:
-            self.on_boundary(snap, group.group_id)
+        await self._keep_boundary(group.group_id, checkpoint)
         t_boundary = loop.time() - tb
         await self.channel.send(
             {
@@ -615,49 +418,19 @@ class Worker:
             g[n:] = 0.0
 
     async def _reduce(self, plan: StepPlan) -> None:
-        coll = self.collectives
-        assert coll is not None
+        """The sharded step: the gradient summed, divided by the global batch, applied by
+        each owner to its range; the new weights (and accounting) land in weights_ext."""
         model = self.model
-        self._inv_batch = 1.0 / max(1, plan.batch)
-        self._lr = plan.lr
-        grads = model.grads_ext
-        if self._direct:
-            await coll.allreduce(
-                grads if len(grads) > 1 else grads[0],
-                algorithm="direct",
-                on_slice=self._on_slice,
-                local_copies=False,
-            )
-            return
-        # One sliced allreduce: each owner updates every reduced chunk of its slice and puts
-        # the new weights in its place, so sharing starts chunk by chunk and what every rank
-        # gathers is the new weights.
-        await coll.allreduce(
-            grads if len(grads) > 1 else grads[0],
-            # One host: shared memory when every member could map it (auto falls back to
-            # sliced, for all members at once, if /dev/shm runs out). Otherwise BigDL's sliced.
-            algorithm="auto" if coll.one_host else "sliced",
-            on_chunk=self._on_chunk,
-            local_copies=False,
+        await sharded_step(
+            self.node.collectives,
+            model.grads_ext,
+            model.weights_ext,
+            model.update,
+            lr=plan.lr,
+            steps_done=model.opt_steps,
+            op="sum",
+            scale=1.0 / max(1, plan.batch),
         )
-        np.copyto(model.weights_ext, grads[0])
-
-    def _on_chunk(self, start: int, stop: int, reduced: np.ndarray) -> None:
-        self._on_slice(start, stop, reduced)
-        reduced[:] = self.model.weights_ext[start:stop]
-
-    def _on_slice(self, start: int, stop: int, reduced: np.ndarray) -> None:
-        """The owner's optimizer step: new weights land in the weight buffer's slice."""
-        model = self.model
-        n = model.size
-        hi = min(stop, n)
-        if start < hi:
-            grad = reduced[: hi - start]
-            kernels.scale_(grad, self._inv_batch)
-            model.apply(start, hi, grad, self._lr)
-        if stop > n:
-            lo = max(start, n)
-            model.weights_ext[lo:stop] = reduced[lo - start : stop - start]
 
     # ------------------------------------------------------------------ stall reports
     async def _watch_stalls(self) -> None:
@@ -686,5 +459,7 @@ class Worker:
                     )
 
 
-def monotonic() -> float:
-    return time.monotonic()
+def _pieces(raw: object, size: int) -> list[Piece]:
+    """The pieces an epoch message asks this node to contribute (validated)."""
+    (holding,) = holdings_from_wire([[0, raw]], size=size, sender="the leader")
+    return list(holding.pieces)

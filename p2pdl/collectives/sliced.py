@@ -1,9 +1,10 @@
 """BigDL's sliced AllReduce: all-to-all reduce-scatter to slice owners, then all-gather.
 
 Rank j owns slice j. Every rank sends its piece of slice j straight to j in chunks; j sums
-each chunk in rank order as soon as every contribution to it has landed (while later
-chunks are still arriving), runs `on_slice` on the reduced slice, and sends the result to
-every rank, where it lands directly in the caller's buffer. Each rank moves about
+each chunk in rank order as soon as every contribution to it has landed, in whatever order
+chunks complete (`SliceReducer` keeps the books), while later chunks are still arriving,
+runs `on_slice` on the reduced slice, and sends the result to every rank, where it lands
+directly in the caller's buffer. Each rank moves about
 2·S·(N−1)/N bytes whatever N is, and no rank sits in the middle.
 """
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from p2pdl.collectives.context import ReduceContext, as_bytes, gather_all
 from p2pdl.collectives.plan import SlicePlan, plan_slices
+from p2pdl.collectives.reducer import SliceReducer
 
 
 def _gather_sub(plan: SlicePlan, chunk: int) -> int:
@@ -87,11 +89,25 @@ async def reduce_scatter(ctx: ReduceContext, plan: SlicePlan, *, then_gather: bo
         running += plan.slices[p][1] - plan.slices[p][0]
 
     own16 = scratch(own_len) if compressed and then_gather else None
-    # ready[c] resolves once chunk c of our slice is reduced (and, with on_slice, updated)
-    # and payloads[c] holds what to share; one sender per peer walks the chunks in order.
-    loop = asyncio.get_running_loop()
-    ready = [loop.create_future() for _ in own_chunks] if then_gather else []
+    # Chunks of our slice become reducible in whatever order their last contribution lands;
+    # each is reduced (and, with on_slice, updated) then published: `payloads[c]` holds what
+    # to share, and every peer's queue gets `c`, so sharing follows completion order too.
+    reducer = SliceReducer(len(own_chunks), peers)
+    reducible: asyncio.Queue[int] = asyncio.Queue()
+    for c in reducer.ready_at_start():
+        reducible.put_nowait(c)
+
+    def landed(peer: int, c: int, arrival: asyncio.Future) -> None:
+        if not arrival.cancelled() and arrival.exception() is None and reducer.arrived(peer, c):
+            reducible.put_nowait(c)
+
+    for p in peers:
+        for c, arrival in enumerate(arrivals[p]):
+            arrival.add_done_callback(lambda f, p=p, c=c: landed(p, c, f))
     payloads: list[memoryview | None] = [None] * len(own_chunks)
+    outboxes: dict[int, asyncio.Queue[int]] = (
+        {p: asyncio.Queue() for p in peers} if then_gather else {}
+    )
 
     def publish(c: int) -> None:
         a, b = own_chunks[c]
@@ -101,11 +117,13 @@ async def reduce_scatter(ctx: ReduceContext, plan: SlicePlan, *, then_gather: bo
             payloads[c] = as_bytes(part)
         else:
             payloads[c] = as_bytes(buf[a:b])
-        ready[c].set_result(None)
+        for outbox in outboxes.values():
+            outbox.put_nowait(c)
 
     async def share(peer: int) -> None:
-        for c in range(len(own_chunks)):
-            await ready[c]
+        outbox = outboxes[peer]
+        for _ in range(len(own_chunks)):
+            c = await outbox.get()
             payload = payloads[c]
             assert payload is not None
             await ctx.op.send(peer, _gather_sub(plan, c), payload)
@@ -115,9 +133,9 @@ async def reduce_scatter(ctx: ReduceContext, plan: SlicePlan, *, then_gather: bo
     fused = own16 is not None and ctx.compression == "bf16" and ctx.on_slice is None
 
     async def reduce_own() -> None:
-        for c, (a, b) in enumerate(own_chunks):
-            for p in peers:
-                await arrivals[p][c]
+        for _ in range(len(own_chunks)):
+            c = await reducible.get()
+            a, b = own_chunks[c]
             dst = buf[a:b]
             sources = [
                 dst if p == rank else incoming[p][a - own_start : b - own_start]
@@ -128,7 +146,8 @@ async def reduce_scatter(ctx: ReduceContext, plan: SlicePlan, *, then_gather: bo
                 part = own16[a - own_start : b - own_start]
                 await ctx.reduce_chunk_encode_bf16(dst, sources, part)
                 payloads[c] = as_bytes(part)
-                ready[c].set_result(None)
+                for outbox in outboxes.values():
+                    outbox.put_nowait(c)
                 continue
             await ctx.reduce_chunk(dst, sources)
             if ctx.chunkwise:

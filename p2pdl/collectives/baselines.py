@@ -10,28 +10,28 @@ from __future__ import annotations
 
 import asyncio
 
-from p2pdl.collectives.context import ReduceContext, as_bytes, gather_all
+import numpy as np
+
+from p2pdl.collectives.context import ReduceContext, as_bytes
 from p2pdl.collectives.plan import binomial_children, binomial_parent, chunk_ranges
+from p2pdl.collectives.small import tree_forward
 
 ROOT = 0
 
 
 async def send_down(
     ctx: ReduceContext,
+    parent: int | None,
     children: tuple[int, ...],
-    chunks,
+    chunks: tuple[tuple[int, int], ...],
     base: int,
-    ready: list[asyncio.Future] | None,
 ) -> None:
-    """Send the result's chunks to `children`, each as soon as it is ready."""
-
-    async def send_to(child: int) -> None:
-        for c, (a, b) in enumerate(chunks):
-            if ready is not None:
-                await ready[c]
-            await ctx.op.send(child, base + c, as_bytes(ctx.buf[a:b]))
-
-    await gather_all(*(send_to(child) for child in children))
+    """The result's way down the tree: from `parent` into place (none at the root), and on
+    to `children` chunk by chunk as it lands (`tree_forward`, the broadcast's way down)."""
+    flat = ctx.buf.reshape(-1).view(np.uint8)
+    item = ctx.buf.itemsize
+    byte_chunks = tuple((a * item, b * item) for a, b in chunks)
+    await tree_forward(ctx.op, flat, parent, children, byte_chunks, base)
 
 
 async def reduce_up(
@@ -71,19 +71,12 @@ async def allreduce_driver(ctx: ReduceContext) -> None:
         await reduce_up(ctx, children, None, chunks)
         if ctx.on_slice is not None:
             await ctx.finish_slice(0, ctx.buf.size)
-        await send_down(ctx, children, chunks, down, None)
+        await send_down(ctx, None, children, chunks, down)
     else:
-        arrivals = [
-            ctx.op.recv(ROOT, down + c, as_bytes(ctx.buf[a:b])) for c, (a, b) in enumerate(chunks)
-        ]
-
-        async def contribute() -> None:
-            for c, (a, b) in enumerate(chunks):
-                await ctx.op.send(ROOT, c, as_bytes(ctx.buf[a:b]))
-
+        for c, (a, b) in enumerate(chunks):
+            await ctx.op.send(ROOT, c, as_bytes(ctx.buf[a:b]))
         # The result lands where our contribution was; only post after it has been sent.
-        await contribute()
-        await gather_all(*arrivals)
+        await send_down(ctx, ROOT, (), chunks, down)
 
 
 async def allreduce_tree(ctx: ReduceContext) -> None:
@@ -93,20 +86,6 @@ async def allreduce_tree(ctx: ReduceContext) -> None:
     parent = binomial_parent(rank, n, ROOT)
     down = len(chunks)
     await reduce_up(ctx, children, parent, chunks)
-    if parent is None:
-        if ctx.on_slice is not None:
-            await ctx.finish_slice(0, ctx.buf.size)
-        await send_down(ctx, children, chunks, down, None)
-        return
-    loop = asyncio.get_running_loop()
-    ready = [loop.create_future() for _ in chunks]
-    arrivals = [
-        ctx.op.recv(parent, down + c, as_bytes(ctx.buf[a:b])) for c, (a, b) in enumerate(chunks)
-    ]
-    for c, arrival in enumerate(arrivals):
-        arrival.add_done_callback(
-            lambda f, c=c: (
-                ready[c].set_result(None) if not f.cancelled() and f.exception() is None else None
-            )
-        )
-    await gather_all(*arrivals, send_down(ctx, children, chunks, down, ready))
+    if parent is None and ctx.on_slice is not None:
+        await ctx.finish_slice(0, ctx.buf.size)
+    await send_down(ctx, parent, children, chunks, down)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from p2pdl.collectives.baselines import reduce_up, send_down
-from p2pdl.collectives.context import ReduceContext, as_bytes, gather_all
+from p2pdl.collectives.context import ReduceContext
 from p2pdl.collectives.op import Operation
 from p2pdl.collectives.plan import chunk_ranges, plan_slices
 from p2pdl.collectives.shm import ShmArena
@@ -96,14 +96,9 @@ async def allreduce_hierarchical(
 
     if is_leader:
         await _across_hosts(ctx, leaders, ctx.buf)
-        # Phase 3: hand the result to the host's other ranks.
-        down = dataclasses.replace(plain, op=SubOperation(op, local, 2))  # type: ignore[arg-type]
-        await send_down(down, children, chunks, 0, None)
-    else:
-        down_op = SubOperation(op, local, 2)
-        await gather_all(
-            *(down_op.recv(0, c, as_bytes(ctx.buf[a:b])) for c, (a, b) in enumerate(chunks))
-        )
+    # Phase 3: the leader hands the result to the host's other ranks.
+    down = dataclasses.replace(plain, op=SubOperation(op, local, 2))  # type: ignore[arg-type]
+    await send_down(down, parent, children, chunks, 0)
 
 
 async def _across_hosts(ctx: ReduceContext, leaders: list[int], buf: np.ndarray) -> None:

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from p2pdl.collectives.context import ReduceContext, as_bytes, gather_all
@@ -91,8 +93,26 @@ async def broadcast(op: Operation, buf: np.ndarray, root: int, chunk_elems: int)
     chunks = chunk_ranges(0, flat.nbytes, max(chunk_elems, 1) * 4)
     children = binomial_children(rank, n, root)
     parent = binomial_parent(rank, n, root)
+    await tree_forward(op, flat, parent, children, chunks, 0)
+    if rank == root:
+        await gather_all(*acks)
+    else:
+        await op.send(root, ACK_SUB)
+
+
+async def tree_forward(
+    op: Any,
+    flat: np.ndarray,
+    parent: int | None,
+    children: tuple[int, ...],
+    chunks: tuple[tuple[int, int], ...],
+    base: int,
+) -> None:
+    """The way down a tree: receive each byte chunk of `flat` from `parent` straight into
+    place (none at the root) and forward it to every child as soon as it has landed.
+    Frames are numbered `base + chunk`."""
     arrivals = (
-        [op.recv(parent, c, as_bytes(flat[a:b])) for c, (a, b) in enumerate(chunks)]
+        [op.recv(parent, base + c, as_bytes(flat[a:b])) for c, (a, b) in enumerate(chunks)]
         if parent is not None
         else None
     )
@@ -101,13 +121,9 @@ async def broadcast(op: Operation, buf: np.ndarray, root: int, chunk_elems: int)
         for c, (a, b) in enumerate(chunks):
             if arrivals is not None:
                 await arrivals[c]
-            await op.send(child, c, as_bytes(flat[a:b]))
+            await op.send(child, base + c, as_bytes(flat[a:b]))
 
     await gather_all(*(arrivals or []), *(send_to(child) for child in children))
-    if rank == root:
-        await gather_all(*acks)
-    else:
-        await op.send(root, ACK_SUB)
 
 
 async def barrier(op: Operation) -> None:

@@ -34,9 +34,9 @@ def read_secret(path: str | None) -> bytes | None:
             secret = Path(path).read_bytes().strip()
         except OSError as exc:
             raise ConfigError(f"cannot read the secret file {path}: {exc.strerror}") from None
-        if len(secret) < 8:
-            raise ConfigError(f"the secret in {path} is shorter than 8 bytes")
-        return secret
+        if not secret:
+            raise ConfigError(f"the secret file {path} is empty")
+        return secret  # its strength is checked with every other setting (NodeConfig)
     value = os.environ.get("P2PDL_SECRET")
     return value.encode() if value else None
 

@@ -787,3 +787,110 @@ def test_on_slice_and_on_chunk_together_are_refused() -> None:
                 )
 
     run(body())
+
+
+# -------------------------------------------------------------------- owned ranges
+OWNER_LAYOUTS = {
+    "one-host": None,
+    "two-hosts": ["h0", "h0", "h1", "h1"],
+    "every-rank-its-host": ["h0", "h1", "h2", "h3"],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(OWNER_LAYOUTS))
+@pytest.mark.parametrize("size", [3, 40_000, 1_000_003])
+def test_owned_range_is_where_on_chunk_runs(layout: str, size: int) -> None:
+    """A sharded optimizer keeps state for `owned_range`: it must be exactly the range the
+    `on_chunk` calls of `auto`'s allreduce cover on each rank."""
+    n = 4
+    calls: dict[int, list[tuple[int, int]]] = {r: [] for r in range(n)}
+
+    async def body() -> list[tuple[int, int]]:
+        async with make_cluster(n) as nodes:
+            if OWNER_LAYOUTS[layout] is not None:
+                for node in nodes:
+                    node.collectives.host_ids = list(OWNER_LAYOUTS[layout])
+            owned = [node.collectives.owned_range(size, 4) for node in nodes]
+            assert owned == [
+                nodes[0].collectives.owned_range(size, 4, rank=r) for r in range(n)
+            ]  # any rank can say what another owns
+
+            def hook(rank: int) -> Any:
+                return lambda start, stop, reduced: calls[rank].append((start, stop))
+
+            arrays = [np.ones(size, np.float32) for _ in nodes]
+            await asyncio.gather(
+                *(
+                    node.allreduce(a, on_chunk=hook(node.rank))
+                    for node, a in zip(nodes, arrays, strict=True)
+                )
+            )
+            return owned
+
+    owned = run(body())
+    for rank in range(n):
+        pieces = sorted(calls[rank])
+        start, stop = owned[rank]
+        if stop == start:
+            assert not pieces or all(a == b for a, b in pieces), (rank, pieces)
+            continue
+        assert pieces[0][0] == start and pieces[-1][1] == stop, (rank, pieces, owned[rank])
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
+
+
+# ----------------------------------------------------------------------- deadlines
+def test_timeout_zero_means_zero_and_none_means_the_default() -> None:
+    async def body() -> None:
+        async with make_cluster(2, timeouts=short_timeouts(operation=30.0)) as nodes:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            results = await asyncio.gather(
+                *(node.allreduce(np.ones(1000, np.float32), timeout=0) for node in nodes),
+                return_exceptions=True,
+            )
+            assert loop.time() - start < 5.0  # not the 30 s default
+            assert all(isinstance(r, CollectiveTimeoutError) for r in results), results
+            assert not any(isinstance(r, TimeoutError) for r in results)  # its own type
+            with pytest.raises(ValueError, match="timeout"):
+                await nodes[0].allreduce(np.ones(4, np.float32), timeout=-1)
+            # The ranks stay usable: the next call (default deadline) works everywhere.
+            arrays = [np.ones(10, np.float32) for _ in nodes]
+            await allreduce_all(nodes, arrays)
+            assert all(np.all(a == 2) for a in arrays)
+
+    run(body())
+
+
+def test_one_deadline_covers_the_shared_memory_probe_and_the_call() -> None:
+    """A rank that never calls: the caller's probe and its call share one deadline, so the
+    error comes after `timeout`, not after a timeout per stage."""
+
+    async def body() -> None:
+        async with make_cluster(2) as nodes:
+            for node in nodes:
+                node.collectives.shm.usable = None  # the next large auto call probes first
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            with pytest.raises(CollectiveTimeoutError) as caught:
+                await nodes[0].allreduce(np.ones(1 << 20, np.float32), timeout=1.0)
+            assert loop.time() - start < 1.9
+            assert caught.value.missing == (1,)
+
+    run(body())
+
+
+def test_bad_arguments_leave_the_local_buffers_untouched() -> None:
+    async def body() -> None:
+        async with make_cluster(1) as (node,):
+            first, second = np.ones(8, np.float32), np.full(8, 2.0, np.float32)
+            for kwargs in (
+                {"op": "max"},
+                {"algorithm": "tree", "compression": "bf16"},
+                {"compression": "zip"},
+                {"timeout": -3},
+            ):
+                with pytest.raises(ValueError):
+                    await node.allreduce([first, second], **kwargs)
+                assert np.all(first == 1.0) and np.all(second == 2.0), kwargs
+
+    run(body())

@@ -894,3 +894,37 @@ def test_bad_arguments_leave_the_local_buffers_untouched() -> None:
                 assert np.all(first == 1.0) and np.all(second == 2.0), kwargs
 
     run(body())
+
+
+# -------------------------------------------------------------------- point to point
+def test_send_recv_in_order_any_dtype_and_mismatches_fail() -> None:
+    async def body() -> None:
+        async with make_cluster(3, chunk_bytes=64 * 1024) as nodes:
+            c0, c1, c2 = (node.collectives for node in nodes)
+            small, got = np.arange(10, dtype=np.int64), np.zeros(10, np.int64)
+            big, landed = np.arange(1_000_003, dtype=np.float32), np.zeros(1_000_003, np.float32)
+            second, got2 = np.full(3, 7, np.uint8), np.zeros(3, np.uint8)
+            # Two messages 0→2 are received in the order sent; 1→0 crosses them.
+            await asyncio.gather(
+                c0.send(small, 2, tag=3),
+                c0.send(second, 2, tag=4),
+                c2.recv(got, 0, tag=3),
+                c2.recv(got2, 0, tag=4),
+                c1.send(big, 0),
+                c0.recv(landed, 1),
+            )
+            assert np.array_equal(got, small) and np.array_equal(got2, second)
+            assert np.array_equal(landed, big)
+            results = await asyncio.gather(
+                c0.send(small, 2, tag=3), c2.recv(got, 0, tag=5), return_exceptions=True
+            )
+            assert isinstance(results[1], CollectiveMismatchError), results
+            with pytest.raises(ValueError, match="this rank"):
+                await c0.send(small, 0)
+            with pytest.raises(ValueError, match="rank in 0..2"):
+                await c0.recv(got, 3)
+            # The pair is still in step: the next message goes through.
+            await asyncio.gather(c0.send(small, 2), c2.recv(got, 0))
+            assert np.array_equal(got, small)
+
+    run(body())

@@ -127,7 +127,7 @@ def _message_bytes(array: Any, *, writable: bool) -> np.ndarray:
     return array.reshape(-1).view(np.uint8)
 
 
-def _p2p_descriptor(array: Any, data: np.ndarray, tag: object) -> str:
+def _p2p_descriptor(data: np.ndarray, tag: object) -> str:
     if isinstance(tag, bool) or not isinstance(tag, int) or not 0 <= tag < 2**31:
         raise ValueError(f"tag must be an integer in 0..2**31-1, got {tag!r}")
     return f"p2p(tag {tag}, {data.nbytes} bytes)"
@@ -458,18 +458,7 @@ class Collectives:
     ) -> None:
         """Send `array` to rank `dst` (matched in order by `dst`'s `recv` from this rank)."""
         data = _message_bytes(array, writable=False)
-        descriptor = _p2p_descriptor(array, data, tag)
-        deadline = self.deadline(timeout)
-        self._check_peer(dst, "dst")
-        seq = self.sequences.next_send(dst)
-        operation = Operation(
-            self.group,
-            "send",
-            descriptor,
-            deadline,
-            base=p2p_base(self.group.rank, dst, seq),
-            peers=[dst],
-        )
+        operation = self._message(data, tag, timeout, dst, sending=True)
         await operation.run(lambda: send_bytes(operation, data, dst, self.chunk_bytes))
 
     async def recv(
@@ -477,19 +466,23 @@ class Collectives:
     ) -> None:
         """Receive the next message of rank `src` into `array` (same size, dtype and tag)."""
         data = _message_bytes(array, writable=True)
-        descriptor = _p2p_descriptor(array, data, tag)
-        deadline = self.deadline(timeout)
-        self._check_peer(src, "src")
-        seq = self.sequences.next_recv(src)
-        operation = Operation(
-            self.group,
-            "recv",
-            descriptor,
-            deadline,
-            base=p2p_base(src, self.group.rank, seq),
-            peers=[src],
-        )
+        operation = self._message(data, tag, timeout, src, sending=False)
         await operation.run(lambda: recv_bytes(operation, data, src, self.chunk_bytes))
+
+    def _message(
+        self, data: np.ndarray, tag: int, timeout: float | None, peer: int, *, sending: bool
+    ) -> Operation:
+        """The operation of one point-to-point message with `peer` (its own tag range)."""
+        descriptor = _p2p_descriptor(data, tag)
+        deadline = self.deadline(timeout)
+        self._check_peer(peer, "dst" if sending else "src")
+        rank = self.group.rank
+        if sending:
+            base = p2p_base(rank, peer, self.sequences.next_send(peer))
+        else:
+            base = p2p_base(peer, rank, self.sequences.next_recv(peer))
+        name = "send" if sending else "recv"
+        return Operation(self.group, name, descriptor, deadline, base=base, peers=[peer])
 
     def _check_peer(self, peer: object, what: str) -> None:
         n = self.group.world_size

@@ -8,16 +8,18 @@ import importlib
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from p2pdl.config import NodeConfig, Timeouts, parse_address, parse_peers
+from p2pdl.config import NodeConfig, Timeouts, parse_address, parse_peers, take_env_secret
 from p2pdl.errors import ConfigError, P2PDLError
 
 BENCHMARKS = ("kernels", "allreduce", "schedule", "train", "scaling")
+SECRET_BYTES = 32
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,17 +30,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def read_secret(path: str | None) -> bytes | None:
-    """The shared secret from --secret-file, else P2PDL_SECRET, else None."""
+    """The shared secret from --secret-file (not readable by group or others), else from
+    P2PDL_SECRET, which is then removed from this process's environment: programs it starts
+    do not inherit it."""
     if path:
         try:
+            mode = os.stat(path).st_mode
+            if mode & 0o077:
+                raise ConfigError(
+                    f"the secret file {path} is readable by others (mode {mode & 0o777:o}); "
+                    f"chmod 600 {path}"
+                )
             secret = Path(path).read_bytes().strip()
         except OSError as exc:
             raise ConfigError(f"cannot read the secret file {path}: {exc.strerror}") from None
         if not secret:
             raise ConfigError(f"the secret file {path} is empty")
         return secret  # its strength is checked with every other setting (NodeConfig)
-    value = os.environ.get("P2PDL_SECRET")
-    return value.encode() if value else None
+    return take_env_secret()
 
 
 def _positive_float(text: str) -> float:
@@ -67,7 +76,16 @@ def _node_parser(sub: Any) -> None:
     node.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     node.add_argument("--port", type=int, help="port to listen on (default 0: any free port)")
     node.add_argument("--secret-file", help="file holding the shared secret (else P2PDL_SECRET)")
-    node.add_argument("--insecure", action="store_true", help="allow no secret off loopback")
+    node.add_argument(
+        "--insecure",
+        action="store_true",
+        help="run without a secret: no authentication and no encryption (trusted setups only)",
+    )
+    node.add_argument(
+        "--no-encryption",
+        action="store_true",
+        help="authenticate but do not encrypt frames (trusted fabrics; every node must agree)",
+    )
     node.add_argument("--cluster-id", default="p2pdl", help="name shared by the cluster's nodes")
     node.add_argument("--connect-timeout", type=_positive_float, default=30.0)
     node.add_argument("--op-timeout", type=_positive_float, default=60.0)
@@ -79,7 +97,18 @@ def _node_parser(sub: Any) -> None:
         help="keyword arguments for the --run function, as a JSON object",
     )
     job = node.add_argument_group("training jobs (group scheduling)")
-    job.add_argument("--job", metavar="MODULE:ATTR", help="the job spec to lead")
+    job.add_argument(
+        "--job",
+        metavar="MODULE:ATTR",
+        help="with --lead: the job to run; with --leader: the one task this node agrees to run",
+    )
+    job.add_argument(
+        "--allow-task",
+        action="append",
+        default=[],
+        metavar="MODULE:ATTR",
+        help="a task a joining node may run for its leader (repeatable); others are refused",
+    )
     job.add_argument("--bsp", action="store_true", help="one leader round trip per step")
     job.add_argument(
         "--spec",
@@ -146,6 +175,16 @@ def _bench_parser(sub: Any) -> None:
     bench.set_defaults(handler=_cmd_bench)
 
 
+def _secret_parser(sub: Any) -> None:
+    secret = sub.add_parser(
+        "secret",
+        help="print a fresh 256-bit shared secret",
+        description="Print a fresh random 256-bit secret (hex) for P2PDL_SECRET or a "
+        "--secret-file (keep that file mode 600).",
+    )
+    secret.set_defaults(handler=lambda args: print(secrets.token_hex(SECRET_BYTES)) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="p2pdl", description="Peer-to-peer data-parallel deep learning.")
     parser.add_argument(
@@ -157,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     _node_parser(sub)
     _launch_parser(sub)
     _bench_parser(sub)
+    _secret_parser(sub)
     return parser
 
 
@@ -167,6 +207,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         "secret": read_secret(args.secret_file),
         "cluster_id": args.cluster_id,
         "insecure": args.insecure,
+        "encryption": not args.no_encryption,
         "timeouts": Timeouts(connect=args.connect_timeout, operation=args.op_timeout),
         "host": args.host,
         "port": args.port,
@@ -236,6 +277,7 @@ def job_options(args: argparse.Namespace) -> Any:
                 ) from None
     values: dict[str, Any] = {
         "job": args.job,
+        "allow_tasks": tuple(args.allow_task),
         "bsp": args.bsp,
         "group_size": group_size,
         "min_nodes": args.min_nodes,
@@ -331,7 +373,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
     _check_job_flags(args)
     config = node_config(args)
-    if args.job or (config.mode == "join" and args.run is None):
+    if args.job or args.allow_task or (config.mode == "join" and args.run is None):
         from p2pdl.schedule.runtime import run_job_node
 
         if args.run is not None:

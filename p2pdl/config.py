@@ -8,7 +8,9 @@ runtime and the integrations all build it (from arguments or from the environmen
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
@@ -24,8 +26,8 @@ DEFAULT_CHUNK_BYTES = 2 * MIB
 against 1 MiB (fewer frames, wakeups and thread hops) and stays under the kernels'
 multi-threading threshold; 256 KiB cost ~50% more CPU (docs/benchmarks.md)."""
 
-MIN_SECRET_BYTES = 8
-"""Shortest shared secret accepted."""
+MIN_SECRET_BYTES = 16
+"""Shortest shared secret accepted (`python -m p2pdl secret` prints a 256-bit one)."""
 
 
 def _positive(name: str, value: float) -> None:
@@ -67,9 +69,18 @@ class Limits:
     """Total bytes of early frames kept per connection; beyond it reading pauses instead."""
     handshake_header: int = 1 * KIB
     """Largest header accepted from a peer that has not authenticated yet."""
+    max_unauthenticated: int = 64
+    """Connections in their handshake at once; when more arrive, the oldest is dropped."""
 
     def __post_init__(self) -> None:
-        for name in ("max_header", "max_payload", "eager_payload", "eager_budget"):
+        for name in (
+            "max_header",
+            "max_payload",
+            "eager_payload",
+            "eager_budget",
+            "handshake_header",
+            "max_unauthenticated",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"limits.{name} must be a positive integer, got {value!r}")
@@ -124,21 +135,28 @@ def _address(value: object, what: str) -> tuple[str, int]:
 
 
 def check_secret(secret: object, *, insecure: bool, hosts: Sequence[str]) -> bytes | None:
-    """The one secret check: bytes (str is encoded), long enough, and present whenever this
-    node listens on or dials an address other machines can reach, unless `insecure`."""
+    """The one secret check: bytes (str is encoded), at least `MIN_SECRET_BYTES`, and
+    present — on loopback too: any local user could join otherwise — unless `insecure` is
+    asked for explicitly (then one warning names what is exposed)."""
     if isinstance(secret, str):
         secret = secret.encode()
     if secret is not None and not isinstance(secret, bytes):
         raise ConfigError(f"the shared secret must be bytes or str, got {type(secret).__name__}")
     if secret is not None and len(secret) < MIN_SECRET_BYTES:
-        raise ConfigError(f"the shared secret must be at least {MIN_SECRET_BYTES} bytes")
-    if secret is None and not insecure:
-        exposed = [h for h in hosts if not is_loopback(h)]
-        if exposed:
+        raise ConfigError(
+            f"the shared secret must be at least {MIN_SECRET_BYTES} bytes; "
+            "`python -m p2pdl secret` prints a fresh one"
+        )
+    if secret is None:
+        where = ", ".join(dict.fromkeys(hosts))
+        if not insecure:
             raise ConfigError(
-                f"refusing to use {exposed[0]} without a shared secret; "
-                "set P2PDL_SECRET or --secret-file, or pass --insecure"
+                f"refusing to use {where} without a shared secret; set P2PDL_SECRET or "
+                "--secret-file (`python -m p2pdl secret` makes one), or pass --insecure"
             )
+        logging.getLogger("p2pdl").warning(
+            "insecure: no shared secret, no authentication and no encryption on %s", where
+        )
     return secret
 
 
@@ -167,7 +185,10 @@ class NodeConfig:
     """Port to listen on (default: this rank's peer entry or the leader's; else 0, any)."""
     secret: bytes | None = field(default=None, repr=False)
     insecure: bool = False
-    """Allow an address other machines can reach without a secret."""
+    """Run without a secret: no authentication, no encryption (say so explicitly)."""
+    encryption: bool = True
+    """Seal every frame after the handshake; False for trusted fabrics only (every node must
+    agree; the handshake stays authenticated)."""
     cluster_id: str = "p2pdl"
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
@@ -196,6 +217,8 @@ class NodeConfig:
             raise ConfigError(f"world size must be positive, got {self.world_size}")
         if self.chunk_bytes < 64:
             raise ConfigError(f"chunk_bytes must be at least 64, got {self.chunk_bytes}")
+        if not isinstance(self.encryption, bool) or not isinstance(self.insecure, bool):
+            raise ConfigError("encryption and insecure must be booleans")
         if not isinstance(self.cluster_id, str) or not 0 < len(self.cluster_id) <= 128:
             raise ConfigError("cluster_id must be 1..128 characters")
         if not isinstance(self.timeouts, Timeouts) or not isinstance(self.limits, Limits):
@@ -300,14 +323,30 @@ class NodeConfig:
             values["rank"] = rank
         if world is not None:
             values["world_size"] = world
-        if env.get("P2PDL_SECRET"):
-            values["secret"] = env["P2PDL_SECRET"].encode()
+        secret = take_env_secret() if env is os.environ else env.get("P2PDL_SECRET")
+        if isinstance(secret, str) and secret:
+            secret = secret.encode()
+        if secret:
+            values["secret"] = secret
         if env.get("P2PDL_CLUSTER_ID"):
             values["cluster_id"] = env["P2PDL_CLUSTER_ID"]
         values.update(overrides)
         if not any(values.get(k) is not None for k in ("peers", "leader", "world_size")):
             values["world_size"] = 1
         return cls(**values)
+
+
+def take_env_secret() -> bytes | None:
+    """P2PDL_SECRET, removed from this process's environment once read (children do not
+    inherit it; a second read in the same process sees the value kept here)."""
+    global _taken_secret
+    value = os.environ.pop("P2PDL_SECRET", None)
+    if value:
+        _taken_secret = value.encode()
+    return _taken_secret
+
+
+_taken_secret: bytes | None = None
 
 
 def _env_int(env: Mapping[str, str], *names: str) -> int | None:

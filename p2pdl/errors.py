@@ -76,12 +76,16 @@ class CollectiveTimeoutError(P2PDLError):
     that waits on something else must never mistake a collective's timeout for its own.
     """
 
-    def __init__(self, operation: str, timeout: float, missing: Iterable[int]) -> None:
+    def __init__(
+        self, operation: str, timeout: float, missing: Iterable[int], *, detail: str = ""
+    ) -> None:
         self.operation = operation
         self.timeout = timeout
         self.missing = tuple(sorted(set(missing)))
+        self.detail = detail
         super().__init__(
-            f"{operation} timed out after {timeout:.3g}s waiting for {_ranks_text(self.missing)}"
+            f"{operation} timed out after {timeout:.3g}s waiting for "
+            f"{_ranks_text(self.missing)}{detail}"
         )
 
 

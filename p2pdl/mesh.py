@@ -3,12 +3,21 @@
 Each pair of ranks shares one connection: the higher rank dials the lower one. The server
 keeps accepting after startup so that misbehaving clients are turned away one by one while
 established links carry on, and so that a leader can take join requests.
+
+Outsiders cannot disrupt it: a connection that has not authenticated costs a few KiB and
+one task, at most `limits.max_unauthenticated` of them are open at once (the oldest goes
+first when more arrive, so a flood cannot lock real peers out for long), each has
+`timeouts.handshake` to finish, and a failed handshake touches no shared state: it is
+counted and remembered, and named if the node later times out waiting for a rank.
+Dialers retry refused and failed connections until their deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import resource
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,7 +30,7 @@ from p2pdl.errors import (
     PeerLostError,
     ProtocolError,
 )
-from p2pdl.transport import Credentials, Link, accept_handshake, dial_handshake
+from p2pdl.transport import Credentials, Link, Offload, accept_handshake, dial_handshake
 
 log = logging.getLogger("p2pdl.mesh")
 
@@ -45,12 +54,15 @@ class Listener:
         self.mesh_epoch = 0
         """Membership epoch whose mesh links are admitted (a new epoch means a new mesh)."""
         self._configured: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.on_join_refused: Callable[[AuthenticationError], None] | None = None
-        """Told when a join request (claimed rank -1) fails authentication (rendezvous)."""
         self.rejected = 0
         """How many connections were turned away (bad handshakes, garbage, timeouts)."""
+        self.refusals: collections.deque[str] = collections.deque(maxlen=8)
+        """The latest refusals, for timeout messages (what a client claimed is unverified)."""
+        self._unauthenticated: dict[Link, None] = {}
+        """Connections still in their handshake, oldest first."""
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
+        raise_fd_limit()
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(
@@ -64,6 +76,12 @@ class Listener:
 
     def _make_link(self) -> Link:
         link = Link(self.limits, label="unauthenticated client")
+        while len(self._unauthenticated) >= self.limits.max_unauthenticated:
+            oldest = next(iter(self._unauthenticated))
+            del self._unauthenticated[oldest]
+            self._refused(oldest, "evicted: too many connections in their handshake")
+            oldest.close()
+        self._unauthenticated[link] = None
         task = asyncio.ensure_future(self._serve(link))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -105,7 +123,7 @@ class Listener:
         rank = hello["rank"]
         if rank == -1 and hello.get("join") and self.join_handler is not None:
             return {}
-        epoch = hello.get("mesh_epoch", 0)
+        epoch = hello.get("epoch", 0)
         if epoch != self.mesh_epoch:
             # A peer that is ahead (it heard of the new epoch first) dials again; one that
             # is behind dials for a membership that is over.
@@ -123,29 +141,27 @@ class Listener:
             raise ProtocolError(f"rank {rank} is already connected")
         return {}
 
+    def _refused(self, link: Link, why: str) -> None:
+        self.rejected += 1
+        source = f"{link.peer_address[0]}:{link.peer_address[1]}" if link.peer_address else "?"
+        self.refusals.append(f"{source}: {why}")
+        log.info("turned away a connection from %s: %s", source, why)
+
     async def _serve(self, link: Link) -> None:
         self._open_links.add(link)
-        hello: dict[str, Any] | None = None
         try:
             async with asyncio.timeout(self.timeouts.handshake):
                 hello = await accept_handshake(link, self.creds, self._own_rank, self._admit)
         except (P2PDLError, TimeoutError) as exc:
-            self.rejected += 1
-            claimed = hello["rank"] if hello else None
-            log.info("turned away a connection: %s", exc or "handshake timed out")
-            if isinstance(exc, AuthenticationError) and exc.rank is not None and not exc.retry:
-                future = self._expected.get(exc.rank)
-                if future is not None and not future.done():
-                    future.set_exception(exc)
-                # Fix: a joiner with the wrong secret used to fail only on its own side; the
-                # leader waited out `timeouts.connect` and raised a timeout. Tell the
-                # rendezvous so that both sides raise AuthenticationError, as in static mode.
-                if exc.rank == -1 and self.on_join_refused is not None:
-                    self.on_join_refused(exc)
-            del claimed
+            # Nothing shared changes: the rank this client claimed is still awaited.
+            if link in self._unauthenticated:  # (an evicted one was counted already)
+                self._refused(link, str(exc) or "handshake timed out")
             link.close()
             self._open_links.discard(link)
+            self._unauthenticated.pop(link, None)
             return
+        finally:
+            self._unauthenticated.pop(link, None)
         if hello["rank"] == -1 and self.join_handler is not None:
             await self.join_handler(link, hello)
             return
@@ -193,6 +209,76 @@ async def dial(
             delay = min(delay * 2, 0.5)
 
 
+async def dial_authenticated(
+    host: str,
+    port: int,
+    creds: Credentials,
+    limits: Limits,
+    deadline: float,
+    *,
+    rank: int,
+    expect: int,
+    extra: dict[str, Any],
+) -> Link:
+    """An authenticated link to the node at host:port, trying again until `deadline`.
+
+    Refused connections, connections dropped mid-handshake (the peer restarting, or evicting
+    us from a flood of others) and refusals — a peer that is not there yet, or a node at that
+    address that cannot prove the secret — are all retried: the real peer may still come.
+    At the deadline the latest reason is the error.
+    """
+    loop = asyncio.get_running_loop()
+    allowed = max(0.0, deadline - loop.time())
+    label = "the leader" if rank == -1 else f"rank {expect}"
+    delay = 0.01
+    attempts = 0
+    last: P2PDLError | None = None
+    while True:
+        attempts += 1
+        try:
+            link = await dial(host, port, limits, deadline, label=label)
+        except PeerLostError as exc:  # refused until the deadline
+            last = exc
+            break
+        try:
+            async with asyncio.timeout_at(deadline):
+                await dial_handshake(link, creds, rank, expect, extra)
+            return link
+        except TimeoutError:
+            link.close()
+            break
+        except (PeerLostError, AuthenticationError, ProtocolError) as exc:
+            link.close()
+            last = exc
+        if loop.time() + delay >= deadline:
+            break
+        await asyncio.sleep(delay)  # back-off between attempts, not a synchronisation point
+        delay = min(delay * 2, 0.25)
+    if isinstance(last, AuthenticationError) and not last.retry:
+        raise AuthenticationError(
+            f"could not authenticate {label} at {host}:{port} within {allowed:.3g}s "
+            f"({attempts} attempts): {last}",
+            rank=expect if expect >= 0 else None,
+        )
+    raise CollectiveTimeoutError(
+        f"connecting to {label} at {host}:{port}",
+        allowed,
+        [expect] if expect >= 0 else [0],
+        detail=f" ({attempts} attempts; the last: {last})" if last else "",
+    )
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft open-file limit to the hard one (a flood of connections must run out
+    of our caps, not of file descriptors)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError):
+        pass
+
+
 class Mesh:
     """Authenticated links from this rank to every other rank of one epoch."""
 
@@ -203,8 +289,11 @@ class Mesh:
         listener: Listener,
         timeouts: Timeouts,
         epoch: int = 0,
+        offload: Offload | None = None,
     ) -> None:
         self.epoch = epoch
+        self.offload = offload
+        """Where the links seal and open large payloads (the session's reduce threads)."""
         self.rank = rank
         self.addresses = addresses
         self.world_size = len(addresses)
@@ -237,8 +326,15 @@ class Mesh:
                     self._adopt(rank, await future)
         except TimeoutError:
             missing = [r for r, f in pending.items() if not f.done() or f.cancelled()]
+            refused = list(self.listener.refusals)
+            detail = (
+                f"; meanwhile {self.listener.rejected} connection(s) were turned away, the "
+                f"latest: {'; '.join(refused[-3:])}"
+                if refused
+                else ""
+            )
             raise CollectiveTimeoutError(
-                f"rank {self.rank} connecting to the cluster", allowed, missing
+                f"rank {self.rank} connecting to the cluster", allowed, missing, detail=detail
             ) from None
         finally:
             for future in pending.values():
@@ -247,39 +343,27 @@ class Mesh:
 
     async def _dial(self, rank: int, deadline: float) -> Link:
         host, port = self.addresses[rank]
-        creds = self.listener.creds
-        loop = asyncio.get_running_loop()
-        delay = 0.01
-        while True:
-            link = await dial(host, port, self.listener.limits, deadline, label=f"rank {rank}")
-            try:
-                await dial_handshake(link, creds, self.rank, rank, {"mesh_epoch": self.epoch})
-                return link
-            except PeerLostError:
-                # The peer went away mid-handshake (it may be restarting): try again.
-                link.close()
-                if loop.time() >= deadline:
-                    raise
-            except AuthenticationError as exc:
-                link.close()
-                if not exc.retry or loop.time() + delay >= deadline:
-                    raise
-                # The peer has not reached this epoch yet: back off, then dial again.
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.25)
-            except P2PDLError:
-                link.close()
-                raise
+        return await dial_authenticated(
+            host,
+            port,
+            self.listener.creds,
+            self.listener.limits,
+            deadline,
+            rank=self.rank,
+            expect=rank,
+            extra={"epoch": self.epoch},
+        )
 
     def _adopt(self, rank: int, link: Link) -> None:
         self.links[rank] = link
+        link.offload = self.offload
         link.on_lost = lambda lost: self._on_lost(rank, lost)
         if link.lost is not None:
             self._on_lost(rank, link)
 
     def _on_lost(self, rank: int, link: Link) -> None:
         error = link.lost or PeerLostError([rank])
-        if not isinstance(error, PeerLostError):
+        if not isinstance(error, (PeerLostError, ProtocolError)):
             error = PeerLostError([rank], str(error))
         if rank in self.lost:
             return

@@ -28,15 +28,14 @@ from typing import Any
 
 from p2pdl.config import Limits, Timeouts
 from p2pdl.errors import (
-    AuthenticationError,
     CollectiveTimeoutError,
     ConfigError,
     P2PDLError,
     PeerLostError,
     ProtocolError,
 )
-from p2pdl.mesh import Listener, dial
-from p2pdl.transport import Credentials, Link, dial_handshake
+from p2pdl.mesh import Listener, dial_authenticated
+from p2pdl.transport import Credentials, Link
 from p2pdl.wire import MAX_MESSAGE, unpack_message
 
 log = logging.getLogger("p2pdl.rendezvous")
@@ -132,7 +131,9 @@ class ControlChannel(Channel):
     async def _read(self) -> None:
         try:
             while True:
-                _header, payload = await self.link.post(self._recv_seq, None, self._size_check)
+                _header, payload = await self.link.post(
+                    self._recv_seq, None, self._size_check, limit=self.max_message
+                )
                 self._recv_seq += 1
                 message = unpack_message(payload, max_bytes=self.max_message)
                 self._inbox.put_nowait(_checked(message, self.peer_label))
@@ -207,25 +208,19 @@ class JoinDesk:
     """The leader's side of the join protocol: authenticated join links become channels.
 
     Attach it to the listener; `accept()` hands out channels in arrival order. A join that
-    fails authentication is reported through `on_refused` (the rendezvous may fail on it).
+    fails authentication never gets here: it changes nothing (the listener counts it).
     """
 
     def __init__(self, listener: Listener, *, max_message: int = MAX_MESSAGE) -> None:
         self.listener = listener
         self.max_message = max_message
         self._arrivals: asyncio.Queue[ControlChannel] = asyncio.Queue()
-        self.on_refused: Callable[[AuthenticationError], None] | None = None
         listener.join_handler = self._on_join
-        listener.on_join_refused = self._refused
 
     async def _on_join(self, link: Link, _hello: dict[str, Any]) -> None:
         self._arrivals.put_nowait(
             ControlChannel(link, label="a joining node", max_message=self.max_message)
         )
-
-    def _refused(self, error: AuthenticationError) -> None:
-        if self.on_refused is not None:
-            self.on_refused(error)
 
     async def accept(self) -> ControlChannel:
         """The next joiner's channel (wrap in a deadline)."""
@@ -235,7 +230,6 @@ class JoinDesk:
         """Take no more joins; channels not yet accepted are closed."""
         if self.listener.join_handler == self._on_join:
             self.listener.join_handler = None
-            self.listener.on_join_refused = None
         while not self._arrivals.empty():
             self._arrivals.get_nowait().close()
 
@@ -268,20 +262,12 @@ async def dial_leader(
 ) -> ControlChannel:
     """Join through the leader: the authenticated control channel, its `join` message sent.
 
-    Refused connections are retried until `deadline` (the leader may start later).
+    Everything but success is retried until `deadline` (the leader may start later, or be
+    busy turning a flood of other connections away).
     """
-    loop = asyncio.get_running_loop()
-    allowed = max(0.0, deadline - loop.time())
-    link = await dial(leader[0], leader[1], limits, deadline, label="the leader")
-    try:
-        async with asyncio.timeout_at(deadline):
-            await dial_handshake(link, creds, -1, 0, {"join": True})
-    except TimeoutError:
-        link.close()
-        raise CollectiveTimeoutError("joining through the leader", allowed, [0]) from None
-    except BaseException:
-        link.close()
-        raise
+    link = await dial_authenticated(
+        leader[0], leader[1], creds, limits, deadline, rank=-1, expect=0, extra={"join": True}
+    )
     channel = ControlChannel(link, label="the leader", peer_rank=0)
     host, port = listen_address
     if host in ("", "0.0.0.0", "::"):
@@ -310,8 +296,6 @@ async def lead_rendezvous(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeouts.connect
     joined: list[tuple[ControlChannel, tuple[str, int], int | None]] = []
-    refused: asyncio.Future[AuthenticationError] = loop.create_future()
-    desk.on_refused = lambda exc: refused.done() or refused.set_result(exc)
     try:
         while True:
             # A joiner that left before the table went out is replaced by a later one.
@@ -320,18 +304,22 @@ async def lead_rendezvous(
                 break
             try:
                 async with asyncio.timeout_at(deadline):
-                    accepting = asyncio.ensure_future(desk.accept())
-                    done, _ = await asyncio.wait(
-                        {accepting, refused}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if accepting not in done:
-                        accepting.cancel()
-                        raise refused.result()
-                    channel = accepting.result()
+                    channel = await desk.accept()
                     message = await channel.recv()
             except TimeoutError:
+                listener = desk.listener
+                refused = list(listener.refusals)
                 raise CollectiveTimeoutError(
-                    "rendezvous at the leader", timeouts.connect, []
+                    "rendezvous at the leader",
+                    timeouts.connect,
+                    [],
+                    detail=(
+                        f" ({len(joined)} of {world_size - 1} joined; "
+                        f"{listener.rejected} connection(s) turned away, the latest: "
+                        f"{'; '.join(refused[-3:])})"
+                        if refused
+                        else f" ({len(joined)} of {world_size - 1} joined)"
+                    ),
                 ) from None
             except (PeerLostError, ProtocolError) as exc:
                 log.warning("rendezvous: dropping a joiner: %s", exc)
@@ -364,7 +352,6 @@ async def lead_rendezvous(
                 ) from None
         return peers
     finally:
-        desk.on_refused = None
         for channel, _address, _rank in joined:
             channel.close()
 

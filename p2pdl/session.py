@@ -78,7 +78,7 @@ class Endpoint:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.creds = Credentials(config.cluster_id, config.secret)
+        self.creds = Credentials(config.cluster_id, config.secret, config.encryption)
         self.listener: Listener | None = None
 
     @property
@@ -161,7 +161,11 @@ class Endpoint:
             deadline = loop.time() + config.timeouts.connect
         addresses = [(peer.host, peer.port) for peer in membership.peers]
         listener.prepare(membership.epoch, rank, membership.world_size)
-        mesh = Mesh(rank, addresses, listener, config.timeouts, epoch=membership.epoch)
+        compute = compute or Compute()
+        # Large frames are sealed and opened where large reductions run: off the loop.
+        mesh = Mesh(
+            rank, addresses, listener, config.timeouts, epoch=membership.epoch, offload=compute.run
+        )
         collectives = Collectives(
             mesh,
             timeout=config.timeouts.operation,

@@ -1,66 +1,140 @@
-"""Authenticated TCP links between ranks: handshake, tagged frames, posted buffers, backpressure.
+"""Authenticated, encrypted TCP links between ranks: handshake, tagged frames, posted buffers.
 
 The transport knows connections, tags and buffers — never what a slice or a step is.
 
-* Receiving: a caller posts a buffer for `(peer, tag)`; the frame's payload is read by the
-  kernel straight into it (`asyncio.BufferedProtocol`). A frame that arrives before its buffer
-  is kept in memory when small (bounded per connection); a large one pauses reading on that
-  connection until its buffer is posted, so memory never grows with what a peer claims.
-* Sending: the prefix+header and the payload are handed to the event loop as two buffers
-  (`writelines`), never joined. Write-buffer limits of zero make `pause_writing` fire whenever
-  bytes are queued, so `send` returns only once its payload left user space: the caller may
-  reuse the buffer at once, and a slow peer slows its sender (backpressure as a future).
-* A violation by an unauthenticated peer closes its connection with a logged reason; the
-  node keeps serving everyone else.
+* Handshake (lock-step: the link reads the next handshake frame only when the handshake
+  asks for it, so a peer cannot queue anything before it has authenticated):
+
+      client → server   hello  {v, cluster, rank, epoch, join, nonce, auth, enc}
+      server → client   hello  {v, rank, nonce, auth, enc}
+      server → client   proof  HMAC(k, "server" ‖ H)      H: hash of both hellos as sent
+      client → server   proof  HMAC(k, "client" ‖ H)
+      server → client   welcome (sealed)                  or a reject, and the link closes
+
+  k comes from the stretched secret (`p2pdl.crypto`); the session keys from the secret and
+  H, one per direction. With encryption (the default) every later frame is sealed (AES-256-GCM
+  records with the frame number as nonce): a changed, dropped, replayed or reordered frame
+  fails the link with `ProtocolError`, never a wrong result. `encryption=False` keeps the
+  authenticated handshake and sends plain frames (trusted fabrics only); both ends must agree.
+  Without a secret (`insecure`) there are no proofs and no encryption.
+* Receiving: a caller posts a buffer for `(peer, tag)`; the payload lands in it — read by the
+  kernel straight into it for plain frames, or decrypted straight into it from the sealed
+  record (`decrypt_into`; large ones on the reduce threads through `offload`). A frame that
+  arrives before its buffer is kept in memory when small (bounded per connection); a large
+  one pauses reading until its buffer is posted, so memory never grows with what a peer
+  claims. A receive posted without a buffer states the most it accepts.
+* Sending: plain frames go to the event loop as two buffers (`writelines`), never joined;
+  sealed frames are numbered when `send` is called and written in that order, their
+  payloads encrypted into scratch (large ones off the loop). Write-buffer limits of zero
+  make `send` return only once its bytes have left user space: the caller may reuse the
+  buffer at once, and a slow peer slows its sender (backpressure as a future).
+* A violation closes that connection with a logged reason; the node serves everyone else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import contextlib
-import hashlib
-import hmac
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from p2pdl.config import Limits
+from p2pdl.crypto import (
+    NONCE_BYTES,
+    TAG_BYTES,
+    Opener,
+    Sealer,
+    Transcript,
+    proof,
+    proofs_match,
+    session_keys,
+    stretch,
+)
 from p2pdl.errors import (
     AuthenticationError,
     P2PDLError,
     PeerLostError,
     ProtocolError,
 )
-from p2pdl.wire import VERSION, Frame, FrameHead, FrameReader, encode_head
+from p2pdl.wire import (
+    HANDSHAKE_SCRATCH,
+    PREFIX,
+    VERSION,
+    Frame,
+    FrameHead,
+    FrameReader,
+    encode_head,
+    pack_header,
+    sealed_prefix,
+)
 
 log = logging.getLogger("p2pdl.transport")
-
-_MAX_HANDSHAKE_BACKLOG = 8
-"""Unread handshake frames a peer may queue before it is cut off (a handshake needs 3)."""
 
 HeaderCheck = Callable[[dict[str, Any], int], None]
 """Validates a frame's header (and payload length) against what the receiver expects."""
 
+Offload = Callable[[int, Callable[[], Any]], Awaitable[Any]]
+"""Runs `fn` touching `nbytes` bytes (inline when small, on a worker thread when large)."""
+
+DEFAULT_UNSIZED = 64 * 1024
+"""The most a receive posted without a buffer accepts, unless it says otherwise."""
+
+REFUSED = "handshake refused"
+"""All an unauthenticated peer learns of why it was turned away."""
+
 
 class _Posted:
-    """A receive waiting for one tag: a destination (or none: allocate) and its future."""
+    """A receive waiting for one tag: a destination (or none: allocate up to `limit`)."""
 
-    __slots__ = ("check", "future", "view")
+    __slots__ = ("check", "future", "limit", "view")
 
     def __init__(
-        self, view: memoryview | None, check: HeaderCheck | None, future: asyncio.Future
+        self,
+        view: memoryview | None,
+        check: HeaderCheck | None,
+        future: asyncio.Future,
+        limit: int,
     ) -> None:
         self.view = view
         self.check = check
         self.future = future
+        self.limit = limit
+
+
+@dataclass(slots=True)
+class _Landing:
+    """Where the payload being read goes: a sealed record into scratch, opened on delivery.
+    `counted`: its plaintext already counts against the early-frame budget."""
+
+    head: FrameHead
+    plain: int
+    scratch: bytearray
+    counted: bool
+
+
+@dataclass(slots=True)
+class _Out:
+    """One sealed frame on its way out, in frame-number order."""
+
+    seq: int
+    prefix: bytes
+    head: bytes
+    written: asyncio.Future[None]
+    payload: memoryview | None = None
+    ready: bool = False
 
 
 _RETIRED_KEPT = 256
 """Retired tag ranges a link remembers (late frames of older operations are rare)."""
+
+OFFLOAD_BYTES = 256 * 1024
+"""Payloads from this size are sealed and opened through `offload` (the reduce threads)."""
 
 
 class Link(asyncio.BufferedProtocol):
@@ -76,17 +150,24 @@ class Link(asyncio.BufferedProtocol):
         """The peer said goodbye: every frame it sent came before that, and no more will."""
         self.closed_here = False
         """This side closed the link (its node is leaving): nothing may use it any more."""
-        self.closed = asyncio.get_running_loop().create_future()
+        self.offload: Offload | None = None
+        """Where large payloads are sealed and opened (None: on the loop)."""
+        self.peer_address: tuple[str, int] | None = None
         self._loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
         self._transport: asyncio.Transport | None = None
         handshake_header = limits.max_header if dialing else limits.handshake_header
-        self._reader = FrameReader(max_header=handshake_header, max_payload=0)
-        self._welcome_rank: int | None = None
-        self._handshake_frame = False
+        self._reader = FrameReader(
+            max_header=handshake_header, max_payload=0, scratch=HANDSHAKE_SCRATCH
+        )
         self._posted: dict[int, _Posted] = {}
         self._early: dict[int, tuple[dict[str, Any], bytearray]] = {}
         self._early_bytes = 0
-        self._handshake_queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._handshake: collections.deque[tuple[dict[str, Any], bytes]] = collections.deque()
+        self._handshake_waiter: asyncio.Future[None] | None = None
+        self._handshake_frame = False
+        self._holding = False
+        """Reading is held by the lock-step handshake (not by a missing post)."""
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._reading_paused = False
@@ -96,9 +177,15 @@ class Link(asyncio.BufferedProtocol):
         """The same starts, sorted: one bisect tells whether a tag is retired."""
         self._guards: list[tuple[int, int, HeaderCheck, Callable[[P2PDLError], None]]] = []
         self._discard_buffer: memoryview | None = None
+        self._sealer: Sealer | None = None
+        self._opener: Opener | None = None
+        self._landing: _Landing | None = None
+        self._opening: dict[int, asyncio.Future[None]] = {}
+        """Sealed payloads being opened off the loop, by tag (awaited by `settle`)."""
+        self._outq: collections.deque[_Out] = collections.deque()
+        self._scratch_free: list[bytearray] = []
         self.on_lost: Callable[[Link], None] | None = None
-        self.on_unsolicited: Callable[[Link, dict[str, Any], bytearray], bool] | None = None
-        """Called for a complete frame no receive was posted for; True if it was consumed."""
+        self._deferred_loss: asyncio.Task[None] | None = None
 
     # ----------------------------------------------------------------- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -107,6 +194,9 @@ class Link(asyncio.BufferedProtocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer_address = (str(peer[0]), int(peer[1]))
         transport.set_write_buffer_limits(high=0, low=0)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -150,11 +240,18 @@ class Link(asyncio.BufferedProtocol):
             if not waiter.done():
                 waiter.set_result(None)
 
+    def local_host(self) -> str | None:
+        """This end's address on the connection."""
+        if self._transport is None:
+            return None
+        sockname = self._transport.get_extra_info("sockname")
+        return str(sockname[0]) if sockname else None
+
     # ----------------------------------------------------------------------- receiving
     def _process(self) -> None:
         reader = self._reader
         try:
-            while self.lost is None:
+            while self.lost is None and not self._reading_paused:
                 event = reader.poll()
                 if event is None:
                     return
@@ -167,26 +264,33 @@ class Link(asyncio.BufferedProtocol):
         except ProtocolError as exc:
             self._fail(ProtocolError(str(exc), rank=self.rank))
 
+    def _wire_plain(self, head: FrameHead) -> int:
+        """The plaintext length of a frame's payload (a sealed record less its tag)."""
+        if self._opener is None or not head.payload_len:
+            return head.payload_len
+        if head.payload_len < TAG_BYTES:
+            raise ProtocolError(f"sealed payload of {head.payload_len} bytes has no room for a tag")
+        return head.payload_len - TAG_BYTES
+
     def _route(self, head: FrameHead) -> bool:
         """Give a parsed header its payload destination; False means wait for a post."""
         header = head.header
         if not self.authenticated:
             if head.payload_len:
                 raise ProtocolError("payload before authentication")
-            if header.get("h") == "welcome" and self._welcome_rank is not None:
-                # The server may send data right behind its welcome: switch modes now.
-                self.mark_authenticated(self._welcome_rank)
-            if self._handshake_queue.qsize() >= _MAX_HANDSHAKE_BACKLOG:
-                # Fix: an unauthenticated peer could queue frames without bound until the
-                # handshake timeout; no handshake has more than three messages per side.
-                raise ProtocolError("too many handshake frames")
-            self._handshake_queue.put_nowait(header)
+            self._handshake.append((header, head.raw))
             self._handshake_frame = True
             self._reader.provide(memoryview(b""))
+            # Lock-step: nothing more is read until the handshake asks for it.
+            self._holding = True
+            self._pause_reading()
+            if self._handshake_waiter is not None and not self._handshake_waiter.done():
+                self._handshake_waiter.set_result(None)
             return True
         tag = header.get("t")
-        if not isinstance(tag, int):
-            if header.get("bye") is True and not head.payload_len:
+        plain = self._wire_plain(head)
+        if not isinstance(tag, int) or isinstance(tag, bool):
+            if header.get("bye") is True and not plain:
                 self._reader.provide(memoryview(b""))
                 return True
             raise ProtocolError(f"frame without an integer tag: {sorted(header)}")
@@ -195,45 +299,67 @@ class Link(asyncio.BufferedProtocol):
             if self._is_retired(tag):
                 self._reader.discard()
                 return True
-            if self._guards and not self._guard_passes(tag, header, head.payload_len):
+            if self._guards and not self._guard_passes(tag, header, plain):
                 self._reader.discard()
                 return True
             if tag in self._early:
                 raise ProtocolError(f"two frames for tag {tag}")
-            size = head.payload_len
-            if size <= self.limits.eager_payload and (
-                self._early_bytes + size <= self.limits.eager_budget
+            if plain <= self.limits.eager_payload and (
+                self._early_bytes + plain <= self.limits.eager_budget
             ):
-                buffer = bytearray(size)
-                self._early_bytes += size
-                self._reader.provide(memoryview(buffer))
+                self._early_bytes += plain
+                self._provide(head, plain, memoryview(bytearray(plain)), counted=True)
                 return True
             return False
         if posted.check is not None:
             try:
-                posted.check(header, head.payload_len)
+                posted.check(header, plain)
             except P2PDLError as exc:
-                del self._posted[tag]
-                if not posted.future.done():
-                    posted.future.set_exception(exc)
-                self._reader.discard()
+                self._refuse(tag, posted, exc)
                 return True
         if posted.view is None:
-            posted.view = memoryview(bytearray(head.payload_len))
-        elif posted.view.nbytes != head.payload_len:
-            del self._posted[tag]
-            if not posted.future.done():
-                posted.future.set_exception(
+            if plain > posted.limit:
+                self._refuse(
+                    tag,
+                    posted,
                     ProtocolError(
-                        f"sent {head.payload_len} bytes for tag {tag}, "
-                        f"the posted buffer holds {posted.view.nbytes}",
+                        f"sent {plain} bytes for tag {tag}, at most {posted.limit} are accepted",
                         rank=self.rank,
-                    )
+                    ),
                 )
-            self._reader.discard()
+                return True
+            posted.view = memoryview(bytearray(plain))
+        elif posted.view.nbytes != plain:
+            self._refuse(
+                tag,
+                posted,
+                ProtocolError(
+                    f"sent {plain} bytes for tag {tag}, the posted buffer holds "
+                    f"{posted.view.nbytes}",
+                    rank=self.rank,
+                ),
+            )
             return True
-        self._reader.provide(posted.view)
+        self._provide(head, plain, posted.view)
         return True
+
+    def _provide(
+        self, head: FrameHead, plain: int, destination: memoryview, *, counted: bool = False
+    ) -> None:
+        """Plain payloads land in `destination` itself; sealed ones in scratch, opened into
+        the posted buffer (or an early one) when complete."""
+        if self._opener is None or not plain:
+            self._reader.provide(destination)
+            return
+        scratch = self._take_scratch(head.payload_len)
+        self._landing = _Landing(head, plain, scratch, counted)
+        self._reader.provide(memoryview(scratch)[: head.payload_len])
+
+    def _refuse(self, tag: int, posted: _Posted, error: P2PDLError) -> None:
+        del self._posted[tag]
+        if not posted.future.done():
+            posted.future.set_exception(error)
+        self._reader.discard()
 
     def _deliver(self, frame: Frame) -> None:
         if self._handshake_frame:  # already queued for the handshake when its header came
@@ -249,8 +375,12 @@ class Link(asyncio.BufferedProtocol):
                 keep_open=True,
             )
             return
-        buffer = frame.payload.obj
+        landing, self._landing = self._landing, None
         posted = self._posted.pop(tag, None)
+        if landing is not None:
+            self._deliver_sealed(tag, landing, posted)
+            return
+        buffer = frame.payload.obj
         if posted is not None and posted.view is not None and buffer is posted.view.obj:
             if not posted.future.done():
                 posted.future.set_result((frame.header, posted.view))
@@ -261,27 +391,93 @@ class Link(asyncio.BufferedProtocol):
         self._early_bytes -= len(buffer)
         if posted is not None:
             # The receive was posted while this payload was still arriving: copy it over.
-            self._fill(posted.future, tag, frame.header, buffer, posted.view, posted.check)
-            return
-        if self.on_unsolicited is not None and self.on_unsolicited(self, frame.header, buffer):
+            self._fill(posted, tag, frame.header, buffer)
             return
         self._early_bytes += len(buffer)
         self._early[tag] = (frame.header, buffer)
 
-    def _fill(
+    def _deliver_sealed(self, tag: int, landing: _Landing, posted: _Posted | None) -> None:
+        """Open a sealed payload into its final place: the posted buffer, or an early one."""
+        opener = self._opener
+        assert opener is not None
+        head, plain = landing.head, landing.plain
+        record = memoryview(landing.scratch)[: head.payload_len]
+        if posted is None or posted.view is None or posted.view.nbytes != plain:
+            # Early (or its receive changed meanwhile): open into memory now.
+            early = bytearray(plain)
+            try:
+                opener.open_payload_into(head.seq, head.prefix, record, memoryview(early))
+            except ProtocolError as exc:
+                self._fail(ProtocolError(str(exc), rank=self.rank))
+                return
+            finally:
+                self._give_scratch(landing.scratch)
+            keep = posted is None and tag not in self._early and not self._is_retired(tag)
+            if landing.counted and not keep:
+                self._early_bytes -= plain
+            elif keep and not landing.counted:
+                self._early_bytes += plain
+            if posted is not None:
+                self._fill(posted, tag, head.header, early)
+            elif keep:
+                self._early[tag] = (head.header, early)
+            return
+        view = posted.view
+
+        def open_record() -> None:
+            opener.open_payload_into(head.seq, head.prefix, record, view)
+
+        if self.offload is None or plain < OFFLOAD_BYTES:
+            try:
+                open_record()
+            except ProtocolError as exc:
+                self._give_scratch(landing.scratch)
+                self._fail(ProtocolError(str(exc), rank=self.rank))
+                return
+            self._give_scratch(landing.scratch)
+            if not posted.future.done():
+                posted.future.set_result((head.header, view))
+            return
+        self._opening[tag] = asyncio.ensure_future(
+            self._open_off_loop(tag, open_record, landing, posted, head.header, plain)
+        )
+
+    async def _open_off_loop(
         self,
-        future: asyncio.Future[tuple[dict[str, Any], memoryview]],
         tag: int,
+        open_record: Callable[[], None],
+        landing: _Landing,
+        posted: _Posted,
         header: dict[str, Any],
-        buffer: bytearray,
-        view: memoryview | None,
-        check: HeaderCheck | None,
+        plain: int,
     ) -> None:
+        assert self.offload is not None and posted.view is not None
+        try:
+            await self.offload(plain, open_record)
+        except ProtocolError as exc:
+            self._fail(ProtocolError(str(exc), rank=self.rank))
+            if not posted.future.done():
+                posted.future.set_exception(self.lost or exc)
+            return
+        finally:
+            self._give_scratch(landing.scratch)
+            self._opening.pop(tag, None)
+        if not posted.future.done():
+            posted.future.set_result((header, posted.view))
+
+    def _fill(self, posted: _Posted, tag: int, header: dict[str, Any], buffer: bytearray) -> None:
         """Complete a receive from a frame that was kept in memory (it came early)."""
+        future, view, check = posted.future, posted.view, posted.check
         try:
             if check is not None:
                 check(header, len(buffer))
             if view is None:
+                if len(buffer) > posted.limit:
+                    raise ProtocolError(
+                        f"sent {len(buffer)} bytes for tag {tag}, at most {posted.limit} are "
+                        "accepted",
+                        rank=self.rank,
+                    )
                 view = memoryview(buffer)
             elif view.nbytes != len(buffer):
                 raise ProtocolError(
@@ -299,9 +495,15 @@ class Link(asyncio.BufferedProtocol):
             future.set_result((header, view))
 
     def post(
-        self, tag: int, view: memoryview | None = None, check: HeaderCheck | None = None
+        self,
+        tag: int,
+        view: memoryview | None = None,
+        check: HeaderCheck | None = None,
+        *,
+        limit: int = DEFAULT_UNSIZED,
     ) -> asyncio.Future[tuple[dict[str, Any], memoryview]]:
-        """Expect one frame with `tag`; its payload lands in `view` (or a new buffer).
+        """Expect one frame with `tag`; its payload lands in `view` (or a new buffer of at
+        most `limit` bytes).
 
         The future resolves to `(header, payload_view)`; it fails with the link's error if
         the connection is lost, or with the error `check` raised for a mismatched header.
@@ -309,20 +511,21 @@ class Link(asyncio.BufferedProtocol):
         future: asyncio.Future[tuple[dict[str, Any], memoryview]] = self._loop.create_future()
         if view is not None and view.format != "B":
             view = view.cast("B")
+        posted = _Posted(view, check, future, limit)
         early = self._early.pop(tag, None)
         if early is not None:
             # Frames that arrived complete stay deliverable after the peer left: it sent
             # them before it went, and the receiver may still need them.
             header, buffer = early
             self._early_bytes -= len(buffer)
-            self._fill(future, tag, header, buffer, view, check)
+            self._fill(posted, tag, header, buffer)
             return future
         if self.lost is not None:
             future.set_exception(self.lost)
             return future
         if tag in self._posted:
             raise RuntimeError(f"tag {tag} is already posted on the link to {self.label}")
-        self._posted[tag] = _Posted(view, check, future)
+        self._posted[tag] = posted
         pending = self._reader.pending_head
         if pending is not None and pending.header.get("t") == tag:
             self._resume_reading()
@@ -353,9 +556,10 @@ class Link(asyncio.BufferedProtocol):
             if not self._guard_passes(tag, header, len(buffer)):
                 self._early_bytes -= len(self._early.pop(tag)[1])
         pending = self._reader.pending_head
-        if pending is not None and self._reading_paused:
+        if pending is not None and self._reading_paused and not self._holding:
             tag = pending.header.get("t", -1)
-            if lo <= tag < hi and not self._guard_passes(tag, pending.header, pending.payload_len):
+            plain = self._wire_plain(pending)
+            if lo <= tag < hi and not self._guard_passes(tag, pending.header, plain):
                 self._reader.discard()
                 self._resume_reading()
 
@@ -387,8 +591,18 @@ class Link(asyncio.BufferedProtocol):
         for tag in [t for t in self._early if lo <= t < hi]:
             self._early_bytes -= len(self._early.pop(tag)[1])
         pending = self._reader.pending_head
-        if pending is not None and lo <= pending.header.get("t", -1) < hi and self._reading_paused:
+        if (
+            pending is not None
+            and lo <= pending.header.get("t", -1) < hi
+            and self._reading_paused
+            and not self._holding
+        ):
             self._resume_reading()
+
+    def opening(self, lo: int, hi: int) -> list[asyncio.Future[None]]:
+        """Sealed payloads with tags in [lo, hi) still being opened into posted buffers (an
+        operation that ends waits for them, so no buffer is written after it returned)."""
+        return [future for tag, future in self._opening.items() if lo <= tag < hi]
 
     def cancel_post(self, tag: int) -> None:
         """Forget a posted receive (after a failed collective); its frame, if late, is kept.
@@ -402,7 +616,7 @@ class Link(asyncio.BufferedProtocol):
         if not posted.future.done():
             posted.future.cancel()
         arriving = self._reader.receiving_head
-        if arriving is not None and arriving.header.get("t") == tag:
+        if arriving is not None and arriving.header.get("t") == tag and self._landing is None:
             self._reader.abandon()
 
     def _pause_reading(self) -> None:
@@ -411,15 +625,32 @@ class Link(asyncio.BufferedProtocol):
             self._transport.pause_reading()
 
     def _resume_reading(self) -> None:
-        if self._reading_paused and self._transport is not None:
+        if self._reading_paused and self._transport is not None and not self._holding:
             self._reading_paused = False
             pending = self._reader.pending_head
-            if pending is not None and not self._route(pending):
-                self._pause_reading()
-                return
+            if pending is not None:
+                try:
+                    routed = self._route(pending)
+                except ProtocolError as exc:
+                    self._fail(ProtocolError(str(exc), rank=self.rank))
+                    return
+                if not routed:
+                    self._pause_reading()
+                    return
             self._process()
             if not self._reading_paused and self.lost is None:
                 self._transport.resume_reading()
+
+    # ---------------------------------------------------------------- scratch buffers
+    def _take_scratch(self, nbytes: int) -> bytearray:
+        for index, buffer in enumerate(self._scratch_free):
+            if len(buffer) >= nbytes:
+                return self._scratch_free.pop(index)
+        return bytearray(nbytes)
+
+    def _give_scratch(self, buffer: bytearray) -> None:
+        if len(self._scratch_free) < 4:
+            self._scratch_free.append(buffer)
 
     # ------------------------------------------------------------------------- sending
     async def send(self, header: dict[str, Any], payload: memoryview | None = None) -> None:
@@ -428,10 +659,34 @@ class Link(asyncio.BufferedProtocol):
             raise self.lost
         transport = self._transport
         assert transport is not None
-        if payload is None or payload.nbytes == 0:
-            transport.write(encode_head(header, 0))
-        else:
-            transport.writelines((encode_head(header, payload.nbytes), payload))
+        if payload is not None and payload.format != "B":
+            payload = payload.cast("B")
+        if self._sealer is None:
+            if payload is None or payload.nbytes == 0:
+                transport.write(encode_head(header, 0))
+            else:
+                transport.writelines((encode_head(header, payload.nbytes), payload))
+            await self._drained()
+            return
+        out = self._queue_sealed(header, payload)
+        if payload is not None and out.payload is not None:
+            if self.offload is not None and payload.nbytes >= OFFLOAD_BYTES:
+                # Once numbered, a sealed frame must go out whatever happens to its sender
+                # (the peer opens frames in order): the sealing runs shielded.
+                sealing = asyncio.ensure_future(self._seal_off_loop(out, payload))
+                sealing.add_done_callback(_retrieve)
+                await asyncio.shield(sealing)
+            else:
+                self._sealer.seal_payload_into(out.seq, out.prefix, payload, out.payload)
+        out.ready = True
+        self._flush()
+        if not out.written.done():  # behind a frame still being sealed off the loop
+            await out.written
+        await self._drained()
+        if out.payload is not None:
+            self._give_scratch(out.payload.obj)  # type: ignore[arg-type]
+
+    async def _drained(self) -> None:
         if self._write_paused:
             waiter: asyncio.Future[None] = self._loop.create_future()
             self._drain_waiters.append(waiter)
@@ -439,38 +694,118 @@ class Link(asyncio.BufferedProtocol):
             if self.lost is not None:
                 raise self.lost
 
+    def _queue_sealed(self, header: dict[str, Any], payload: memoryview | None) -> _Out:
+        sealer = self._sealer
+        assert sealer is not None
+        seq = sealer.number()
+        packed = pack_header(header)
+        plain = payload.nbytes if payload is not None else 0
+        prefix = sealed_prefix(len(packed) + TAG_BYTES, plain + TAG_BYTES if plain else 0)
+        out = _Out(
+            seq,
+            prefix,
+            prefix + sealer.seal_header(seq, prefix, packed),
+            self._loop.create_future(),
+        )
+        if plain:
+            out.payload = memoryview(self._take_scratch(plain + TAG_BYTES))[: plain + TAG_BYTES]
+        self._outq.append(out)
+        return out
+
+    async def _seal_off_loop(self, out: _Out, payload: memoryview) -> None:
+        sealer, target, offload = self._sealer, out.payload, self.offload
+        assert sealer is not None and target is not None and offload is not None
+
+        def seal() -> None:
+            sealer.seal_payload_into(out.seq, out.prefix, payload, target)
+
+        try:
+            await offload(payload.nbytes, seal)
+        finally:
+            out.ready = True  # (if sealing failed, the peer fails the link on this frame)
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the sealed frames that are ready, in frame-number order."""
+        transport = self._transport
+        while self._outq and self._outq[0].ready:
+            out = self._outq.popleft()
+            if self.lost is None and transport is not None and not transport.is_closing():
+                if out.payload is None:
+                    transport.write(out.head)
+                else:
+                    transport.writelines((out.head, out.payload))
+            if not out.written.done():
+                out.written.set_result(None)
+
     def send_nowait(self, header: dict[str, Any]) -> None:
         """Queue a payload-less control frame without waiting (used for error reports)."""
-        if self.lost is None and self._transport is not None:
+        if self.lost is not None or self._transport is None:
+            return
+        if self._sealer is None:
             self._transport.write(encode_head(header, 0))
-
-    def local_host(self) -> str | None:
-        """This end's address on the connection."""
-        if self._transport is None:
-            return None
-        sockname = self._transport.get_extra_info("sockname")
-        return str(sockname[0]) if sockname else None
+            return
+        out = self._queue_sealed(header, None)
+        out.ready = True
+        self._flush()
 
     # ------------------------------------------------------------------------ handshake
-    async def next_handshake_message(self) -> dict[str, Any]:
-        getter = asyncio.ensure_future(self._handshake_queue.get())
-        done, _ = await asyncio.wait({getter, self.closed}, return_when=asyncio.FIRST_COMPLETED)
-        if getter in done:
-            return getter.result()
-        getter.cancel()
-        raise self.lost or PeerLostError([], "connection closed during handshake")
+    async def next_handshake_message(self) -> tuple[dict[str, Any], bytes]:
+        """The peer's next handshake frame (header, its bytes as they arrived)."""
+        while not self._handshake:
+            if self.lost is not None:
+                raise self.lost
+            self._handshake_waiter = self._loop.create_future()
+            self._release()
+            done, _ = await asyncio.wait(
+                {self._handshake_waiter, self.closed}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if self._handshake_waiter not in done and not self._handshake:
+                raise self.lost or PeerLostError([], "connection closed during handshake")
+        return self._handshake.popleft()
+
+    def _release(self) -> None:
+        """Let the reader go on (the handshake wants the next frame, or it is over)."""
+        if self._holding:
+            self._holding = False
+            self._resume_reading()
+
+    def send_handshake(self, raw: bytes) -> None:
+        """Write a plain handshake frame whose header bytes are `raw` (they are hashed)."""
+        if self._transport is not None and self.lost is None:
+            self._transport.write(PREFIX.pack(b"P2", VERSION, 0, len(raw), 0) + raw)
+
+    def start_sealing(self, send_key: bytes, recv_key: bytes) -> None:
+        """From now on every frame this side sends is sealed, and every frame it reads must
+        be (the handshake holds the reader, so the switch falls between two frames)."""
+        self._sealer = Sealer(send_key)
+        self._opener = Opener(recv_key, self.label)
+        self._reader.expect_sealed(self._opener)
 
     def mark_authenticated(self, rank: int) -> None:
         self.rank = rank
-        self.label = f"rank {rank}"
+        self.label = f"rank {rank}" if rank >= 0 else "a joining node"
+        if self._opener is not None:
+            self._opener.peer = self.label
         self.authenticated = True
         self._reader.set_limits(
             max_header=self.limits.max_header, max_payload=self.limits.max_payload
         )
+        self._release()
+
+    @property
+    def sealed(self) -> bool:
+        return self._sealer is not None
 
     # ------------------------------------------------------------------------- failure
     def _fail(self, error: P2PDLError, *, keep_open: bool = False) -> None:
         if self.lost is not None:
+            return
+        if self._opening and isinstance(error, PeerLostError) and not self.closed_here:
+            # Frames that arrived whole before the peer left are still being opened: they
+            # are delivered first, then the loss (a departed peer served them).
+            if self._deferred_loss is None:
+                self._deferred_loss = asyncio.ensure_future(self._fail_later(error, keep_open))
             return
         self.lost = error
         if isinstance(error, ProtocolError):
@@ -485,10 +820,21 @@ class Link(asyncio.BufferedProtocol):
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+        for out in self._outq:
+            if not out.written.done():
+                out.written.set_result(None)
+        self._outq.clear()
+        if self._handshake_waiter is not None and not self._handshake_waiter.done():
+            self._handshake_waiter.set_result(None)
         if self._transport is not None and not keep_open:
             self._transport.abort() if isinstance(error, ProtocolError) else self._transport.close()
         if self.on_lost is not None:
             self.on_lost(self)
+
+    async def _fail_later(self, error: P2PDLError, keep_open: bool) -> None:
+        while self._opening:
+            await asyncio.gather(*self._opening.values(), return_exceptions=True)
+        self._fail(error, keep_open=keep_open)
 
     def close(self) -> None:
         """Close the connection now; pending receives fail with PeerLostError."""
@@ -498,19 +844,25 @@ class Link(asyncio.BufferedProtocol):
     async def shutdown(self, timeout: float) -> None:
         """Close politely: frames already queued (error reports above all) reach the peer.
 
-        Pending receives fail at once. Queued frames go out, then FIN; whatever still arrives
-        is read and dropped until the peer closes its side too, or `timeout` passes. Closing a
-        socket with unread data makes the kernel send a reset, and a reset makes the peer's
-        kernel drop what it had not read yet: the abort frame that named the rank that really
-        failed would be lost, and the peer would blame this rank instead.
+        Pending receives fail at once. Queued frames go out, then a goodbye, then FIN;
+        whatever still arrives is read and dropped until the peer closes its side too, or
+        `timeout` passes. Closing a socket with unread data makes the kernel send a reset,
+        and a reset makes the peer's kernel drop what it had not read yet: the abort frame
+        that named the rank that really failed would be lost, and the peer would blame this
+        rank instead.
         """
         self.closed_here = True
         transport = self._transport
+        if self._outq and self.lost is None:
+            # Sealed frames still being encrypted: they go out before the goodbye.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(*(out.written for out in list(self._outq)))
         if self.lost is None and transport is not None and not transport.is_closing():
             if self.authenticated:
                 # Goodbye first: the peer learns that everything this node owed it came
                 # before, and names a departure (not a crash) if it still waits for more.
-                transport.write(encode_head({"bye": True}, 0))
+                self.send_nowait({"bye": True})
             self._fail(
                 PeerLostError([self.rank] if self.rank is not None else [], "closed locally"),
                 keep_open=True,
@@ -520,6 +872,7 @@ class Link(asyncio.BufferedProtocol):
                     transport.write_eof()
             if self._reading_paused:
                 self._reading_paused = False
+                self._holding = False
                 transport.resume_reading()
         else:
             self.close()
@@ -536,97 +889,122 @@ class Link(asyncio.BufferedProtocol):
 # --------------------------------------------------------------------------- handshake
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """What both ends must agree on: protocol, cluster, epoch and the shared secret."""
+    """What both ends must agree on: the cluster, the shared secret, encryption."""
 
     cluster_id: str
-    secret: bytes | None
-    epoch: int = 0
+    secret: bytes | None = field(default=None, repr=False)
+    encryption: bool = True
+
+    @property
+    def auth(self) -> bool:
+        return self.secret is not None
+
+    @property
+    def sealed(self) -> bool:
+        """Frames after the handshake are encrypted (needs a secret)."""
+        return self.secret is not None and self.encryption
+
+    def stretched(self) -> bytes:
+        assert self.secret is not None
+        return stretch(self.secret, self.cluster_id)
 
 
-def _mac(secret: bytes, role: bytes, *parts: bytes) -> bytes:
-    message = b"\x00".join((b"p2pdl-v%d" % VERSION, role, *parts))
-    return hmac.new(secret, message, hashlib.sha256).digest()
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a background task's failure as seen (its sender reports it, or has gone)."""
+    if not task.cancelled():
+        task.exception()
 
 
-def _mac_matches(want: bytes, got: Any) -> bool:
-    """Constant-time MAC check that treats a non-bytes claim as a mismatch.
-
-    Fix: `hmac.compare_digest(want, 5)` raises TypeError, which escaped the handshake (not a
-    P2PDLError): the listener task died and the hostile connection stayed open for good.
-    """
-    return isinstance(got, bytes) and hmac.compare_digest(want, got)
+def _is_nonce(value: object) -> bool:
+    return isinstance(value, bytes) and len(value) == NONCE_BYTES
 
 
-def _check_hello(hello: dict[str, Any], creds: Credentials) -> None:
-    if hello.get("h") != "hello":
-        raise AuthenticationError(f"expected a hello, got {hello.get('h')!r}")
-    if hello.get("v") != VERSION:
-        raise AuthenticationError(f"protocol version {hello.get('v')!r}, expected {VERSION}")
-    if hello.get("cluster") != creds.cluster_id:
-        raise AuthenticationError(
-            f"cluster id {hello.get('cluster')!r} is not {creds.cluster_id!r}"
-        )
-    if hello.get("epoch") != creds.epoch:
-        raise AuthenticationError(f"membership epoch {hello.get('epoch')!r}, not {creds.epoch}")
-    if not isinstance(hello.get("rank"), int) or not isinstance(hello.get("nonce"), bytes):
-        raise AuthenticationError("hello without rank or nonce")
-    if (creds.secret is None) != (not hello.get("auth", False)):
-        raise AuthenticationError("one side has a shared secret and the other has none")
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _reject(link: Link, reason: str, *, retry: bool = False) -> None:
-    link.send_nowait({"h": "reject", "reason": reason[:200], "retry": retry})
+def _send_reject(link: Link, reason: str, *, retry: bool = False) -> None:
+    """Tell the peer why it is turned away: in detail once it has authenticated (the frame
+    is sealed then), and nothing but `REFUSED` before."""
+    if link.sealed or link.authenticated:
+        link.send_nowait({"h": "reject", "reason": reason[:200], "retry": retry})
+    else:
+        link.send_handshake(pack_header({"h": "reject", "reason": REFUSED, "retry": False}))
+
+
+def _modes(creds: Credentials) -> dict[str, bool]:
+    return {"auth": creds.auth, "enc": creds.sealed}
+
+
+def _check_modes(theirs: dict[str, Any], creds: Credentials, who: str) -> None:
+    if theirs.get("auth") is not creds.auth:
+        mine = "has a shared secret" if creds.auth else "runs without a secret (insecure)"
+        raise AuthenticationError(f"this node {mine} and {who} does not agree")
+    if creds.auth and theirs.get("enc") is not creds.sealed:
+        mine = "encrypts its links" if creds.sealed else "runs with encryption=False"
+        raise AuthenticationError(f"this node {mine} and {who} does not: both ends must agree")
 
 
 async def dial_handshake(
     link: Link, creds: Credentials, rank: int, expect_rank: int, extra: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """Client side: hello → verify the server's proof → send ours → wait for welcome."""
-    nonce = os.urandom(16)
+    """Client side of the handshake; returns the welcome. AuthenticationError if refused
+    (its `retry` says whether trying again later may pass) or if the peer cannot prove it
+    knows the secret."""
+    where = f"{link.label}" + (
+        f" at {link.peer_address[0]}:{link.peer_address[1]}" if link.peer_address else ""
+    )
     hello = {
         "h": "hello",
         "v": VERSION,
         "cluster": creds.cluster_id,
-        "epoch": creds.epoch,
         "rank": rank,
-        "nonce": nonce,
-        "auth": creds.secret is not None,
+        "nonce": os.urandom(NONCE_BYTES),
+        **_modes(creds),
         **(extra or {}),
     }
-    if creds.secret is None and expect_rank >= 0:
-        # Without a secret the server answers hello and welcome back to back; both may land
-        # in one read, so the link must already know which rank the welcome will come from.
-        link._welcome_rank = expect_rank
-    await link.send(hello)
-    reply = await link.next_handshake_message()
+    raw_hello = pack_header(hello)
+    link.send_handshake(raw_hello)
+    reply, raw_reply = await link.next_handshake_message()
     if reply.get("h") == "reject":
-        raise AuthenticationError(f"rejected by {link.label}: {reply.get('reason')}")
-    try:
-        _check_hello(reply, creds)
-        if expect_rank >= 0 and reply["rank"] != expect_rank:
-            raise AuthenticationError(f"expected rank {expect_rank}, reached rank {reply['rank']}")
-        if creds.secret is not None:
-            ranks = b"%d:%d" % (rank, reply["rank"])
-            want = _mac(creds.secret, b"server", nonce, reply["nonce"], ranks)
-            if not _mac_matches(want, reply.get("mac")):
-                raise AuthenticationError(
-                    f"rank {reply['rank']} does not know the shared secret", rank=reply["rank"]
-                )
-            proof = _mac(creds.secret, b"client", reply["nonce"], nonce, ranks)
-            link._welcome_rank = reply["rank"]
-            await link.send({"h": "proof", "mac": proof})
-        else:
-            link._welcome_rank = reply["rank"]
-    except AuthenticationError as exc:
-        _reject(link, str(exc))
-        raise
-    final = await link.next_handshake_message()
+        raise AuthenticationError(f"refused by {where}: {str(reply.get('reason'))[:200]}")
+    if (
+        reply.get("h") != "hello"
+        or reply.get("v") != VERSION
+        or not _is_int(reply.get("rank"))
+        or not _is_nonce(reply.get("nonce"))
+    ):
+        raise AuthenticationError(f"{where} answered with a malformed hello")
+    _check_modes(reply, creds, where)
+    if expect_rank >= 0 and reply["rank"] != expect_rank:
+        raise AuthenticationError(
+            f"expected rank {expect_rank} at {where}, found rank {reply['rank']}"
+        )
+    if creds.auth:
+        transcript = Transcript()
+        transcript.add(raw_hello)
+        transcript.add(raw_reply)
+        digest = transcript.digest()
+        stretched = creds.stretched()
+        server_proof, _ = await link.next_handshake_message()
+        want = proof(stretched, b"server", digest)
+        if server_proof.get("h") != "proof" or not proofs_match(want, server_proof.get("mac")):
+            raise AuthenticationError(
+                f"{where} (rank {reply['rank']}) does not know the shared secret",
+                rank=reply["rank"],
+            )
+        link.send_handshake(pack_header({"h": "proof", "mac": proof(stretched, b"client", digest)}))
+        if creds.sealed:
+            to_server, to_client = session_keys(stretched, digest)
+            link.start_sealing(send_key=to_server, recv_key=to_client)
+    final, _ = await link.next_handshake_message()
     if final.get("h") != "welcome":
         raise AuthenticationError(
-            f"rejected by rank {reply['rank']}: {final.get('reason')}",
+            f"refused by rank {reply['rank']}: {str(final.get('reason'))[:200]}",
             rank=reply["rank"],
             retry=final.get("retry") is True,
         )
+    link.mark_authenticated(reply["rank"])
     return final
 
 
@@ -638,52 +1016,58 @@ async def accept_handshake(
 ) -> dict[str, Any]:
     """Server side: read hello, prove ourselves, verify the client, then `admit` decides.
 
-    `own_rank(hello)` gives the rank to answer with; it may wait until this node knows it
-    (a node that joined through a leader learns its rank after it started listening).
-
+    `own_rank(hello)` gives the rank to answer with; it may wait until this node knows it.
     `admit(hello)` returns the welcome's extra fields, or raises AuthenticationError /
-    ProtocolError to turn the peer away (duplicate or unexpected ranks, for instance).
+    ProtocolError to turn an authenticated peer away (duplicate or unexpected ranks, an
+    epoch this node has not reached yet). Nothing an unauthenticated peer sends reaches
+    `admit`: a failed handshake touches no shared state.
     """
-    hello = await link.next_handshake_message()
+    hello, raw_hello = await link.next_handshake_message()
     try:
-        _check_hello(hello, creds)
+        if (
+            hello.get("h") != "hello"
+            or hello.get("v") != VERSION
+            or not _is_int(hello.get("rank"))
+            or not _is_nonce(hello.get("nonce"))
+            or not isinstance(hello.get("cluster"), str)
+        ):
+            raise AuthenticationError("a malformed hello")
+        if hello["cluster"] != creds.cluster_id:
+            raise AuthenticationError("a hello for another cluster")
+        _check_modes(hello, creds, "the client")
     except AuthenticationError as exc:
-        _reject(link, str(exc))
+        _send_reject(link, str(exc))
         raise
     rank = await own_rank(hello)
-    nonce = os.urandom(16)
-    reply: dict[str, Any] = {
-        "h": "hello",
-        "v": VERSION,
-        "cluster": creds.cluster_id,
-        "epoch": creds.epoch,
-        "rank": rank,
-        "nonce": nonce,
-        "auth": creds.secret is not None,
-    }
-    if creds.secret is not None:
-        ranks = b"%d:%d" % (hello["rank"], rank)
-        reply["mac"] = _mac(creds.secret, b"server", hello["nonce"], nonce, ranks)
-        await link.send(reply)
-        proof = await link.next_handshake_message()
-        if proof.get("h") == "reject":
+    reply = {"h": "hello", "v": VERSION, "rank": rank, "nonce": os.urandom(NONCE_BYTES)}
+    raw_reply = pack_header({**reply, **_modes(creds)})
+    link.send_handshake(raw_reply)
+    claimed = hello["rank"]
+    if creds.auth:
+        transcript = Transcript()
+        transcript.add(raw_hello)
+        transcript.add(raw_reply)
+        digest = transcript.digest()
+        stretched = creds.stretched()
+        link.send_handshake(pack_header({"h": "proof", "mac": proof(stretched, b"server", digest)}))
+        client_proof, _ = await link.next_handshake_message()
+        want = proof(stretched, b"client", digest)
+        if client_proof.get("h") != "proof" or not proofs_match(want, client_proof.get("mac")):
+            _send_reject(link, REFUSED)
             raise AuthenticationError(
-                f"rank {hello['rank']} rejected us: {proof.get('reason')}", rank=hello["rank"]
+                f"a client claiming rank {claimed} does not know the shared secret"
             )
-        want = _mac(creds.secret, b"client", nonce, hello["nonce"], ranks)
-        if proof.get("h") != "proof" or not _mac_matches(want, proof.get("mac")):
-            error = AuthenticationError(
-                f"rank {hello['rank']} does not know the shared secret", rank=hello["rank"]
-            )
-            _reject(link, str(error))
-            raise error
-    else:
-        await link.send(reply)
+        if creds.sealed:
+            to_server, to_client = session_keys(stretched, digest)
+            link.start_sealing(send_key=to_client, recv_key=to_server)
     try:
         extra = admit(hello)
     except (AuthenticationError, ProtocolError) as exc:
-        _reject(link, str(exc), retry=getattr(exc, "retry", False))
+        # The peer has authenticated: it may learn why (sealed, when encrypting).
+        link.send_nowait(
+            {"h": "reject", "reason": str(exc)[:200], "retry": getattr(exc, "retry", False)}
+        )
         raise
-    link.mark_authenticated(hello["rank"])
+    link.mark_authenticated(claimed)
     await link.send({"h": "welcome", **extra})
     return hello

@@ -4,6 +4,12 @@
     header  = msgpack map (str keys; ints, floats, str, bytes, lists, maps; never pickle)
     payload = raw bytes, received straight into the buffer posted for the frame's tag
 
+A sealed frame (flag `SEALED`, every frame after an encrypted handshake) carries the header
+and the payload as AEAD records (each followed by its tag); the lengths in the prefix are
+the records' lengths, and the prefix itself is their associated data. The reader opens a
+sealed header with the `open_header` it is given before it parses it (the transport knows
+the keys; this module knows only bytes).
+
 `FrameReader` is a sans-I/O parser built for `asyncio.BufferedProtocol`: it hands out the
 memory the next bytes should land in, so that a payload is written by the kernel directly
 into its final buffer. Limits are checked from the prefix, before anything is allocated.
@@ -20,12 +26,16 @@ import msgpack
 from p2pdl.errors import ProtocolError
 
 MAGIC = b"P2"
-VERSION = 1
+VERSION = 2
+SEALED = 0x01
+"""Prefix flag: the header and payload are AEAD records."""
 PREFIX = struct.Struct("<2sBBIQ")
 PREFIX_SIZE = PREFIX.size
 MAX_HEADER = 64 * 1024
 
 _SCRATCH = 64 * 1024
+HANDSHAKE_SCRATCH = 2 * 1024
+"""Receive scratch of a connection that has not authenticated: grown only after it has."""
 
 _packer_default = msgpack.Packer(use_bin_type=True, autoreset=True)
 
@@ -46,6 +56,11 @@ def encode_head(header: dict[str, Any], payload_len: int = 0) -> bytes:
     return PREFIX.pack(MAGIC, VERSION, 0, len(packed), payload_len) + packed
 
 
+def sealed_prefix(header_len: int, payload_len: int) -> bytes:
+    """The prefix of a sealed frame whose records have these lengths (tags included)."""
+    return PREFIX.pack(MAGIC, VERSION, SEALED, header_len, payload_len)
+
+
 def encode_frame(header: dict[str, Any], payload: bytes | memoryview = b"") -> bytes:
     """A whole frame as one bytes object (tests and tiny control messages only)."""
     return encode_head(header, len(payload)) + bytes(payload)
@@ -53,10 +68,17 @@ def encode_frame(header: dict[str, Any], payload: bytes | memoryview = b"") -> b
 
 @dataclass(frozen=True, slots=True)
 class FrameHead:
-    """A parsed header whose payload has not been read yet."""
+    """A parsed header whose payload has not been read yet (`payload_len` bytes on the wire:
+    for a sealed frame the record, tag included)."""
 
     header: dict[str, Any]
     payload_len: int
+    raw: bytes = b""
+    """The header's bytes as they arrived (plain frames: the handshake transcript)."""
+    prefix: bytes = b""
+    """The frame's prefix (a sealed payload's associated data)."""
+    seq: int = -1
+    """The frame's number in its direction (sealed frames)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +149,9 @@ class FrameReader:
         "_header_len",
         "_max_header",
         "_max_payload",
+        "_open_header",
         "_pending",
+        "_prefix",
         "_scratch",
         "_scratch_end",
         "_scratch_pos",
@@ -137,10 +161,14 @@ class FrameReader:
 
     _PREFIX, _HEADER, _WAIT_DEST, _PAYLOAD, _DISCARD = range(5)
 
-    def __init__(self, *, max_header: int = MAX_HEADER, max_payload: int = 1 << 62) -> None:
+    def __init__(
+        self, *, max_header: int = MAX_HEADER, max_payload: int = 1 << 62, scratch: int = _SCRATCH
+    ) -> None:
         self._max_header = max_header
         self._max_payload = max_payload
-        self._scratch = bytearray(_SCRATCH)
+        self._open_header: Any = None
+        self._prefix = b""
+        self._scratch = bytearray(max(scratch, PREFIX_SIZE))
         self._scratch_view = memoryview(self._scratch)
         self._scratch_pos = 0
         self._scratch_end = 0
@@ -155,6 +183,13 @@ class FrameReader:
         """Tighten or relax limits (after authentication a peer may send larger frames)."""
         self._max_header = max_header
         self._max_payload = max_payload
+        if len(self._scratch) < _SCRATCH:
+            self._grow(_SCRATCH)
+
+    def expect_sealed(self, open_header: Any) -> None:
+        """From the next frame on, every frame must be sealed; `open_header(seq, prefix,
+        record)` opens a header record (raising ProtocolError if it does not open)."""
+        self._open_header = open_header
 
     @property
     def waiting_for_destination(self) -> bool:
@@ -190,7 +225,7 @@ class FrameReader:
 
     def _grow(self, size: int) -> None:
         data = self._scratch[self._scratch_pos : self._scratch_end]
-        self._scratch = bytearray(max(size, _SCRATCH))
+        self._scratch = bytearray(max(size, len(self._scratch)))
         self._scratch[: len(data)] = data
         self._scratch_view = memoryview(self._scratch)
         self._scratch_pos, self._scratch_end = 0, len(data)
@@ -276,13 +311,23 @@ class FrameReader:
             if state == self._PREFIX:
                 if available < PREFIX_SIZE:
                     return None
-                magic, version, _flags, header_len, payload_len = PREFIX.unpack_from(
+                magic, version, flags, header_len, payload_len = PREFIX.unpack_from(
                     self._scratch, self._scratch_pos
                 )
                 if magic != MAGIC:
                     raise ProtocolError(f"bad magic {bytes(magic)!r}")
                 if version != VERSION:
                     raise ProtocolError(f"unsupported protocol version {version}")
+                sealed = bool(flags & SEALED)
+                if sealed != (self._open_header is not None) or flags & ~SEALED:
+                    raise ProtocolError(
+                        "a plain frame where sealed ones are due"
+                        if self._open_header is not None
+                        else f"unexpected frame flags {flags:#x}"
+                    )
+                self._prefix = bytes(
+                    self._scratch[self._scratch_pos : self._scratch_pos + PREFIX_SIZE]
+                )
                 if header_len == 0 or header_len > self._max_header:
                     raise ProtocolError(f"header length {header_len} outside 1..{self._max_header}")
                 if payload_len > self._max_payload:
@@ -298,8 +343,16 @@ class FrameReader:
             if available < self._header_len:
                 return None
             start = self._scratch_pos
-            header = _unpack_header(self._scratch_view[start : start + self._header_len])
+            record = self._scratch_view[start : start + self._header_len]
+            if self._open_header is not None:
+                seq = self._open_header.number()
+                raw = self._open_header.open_header(seq, self._prefix, record)
+                header = _unpack_header(memoryview(raw))
+                self._head = FrameHead(header, self._pending, b"", self._prefix, seq)
+            else:
+                raw = bytes(record)
+                header = _unpack_header(record)
+                self._head = FrameHead(header, self._pending, raw, self._prefix)
             self._scratch_pos += self._header_len
-            self._head = FrameHead(header, self._pending)
             self._state = self._WAIT_DEST
             return self._head

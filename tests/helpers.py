@@ -59,9 +59,11 @@ async def make_cluster(
 ) -> AsyncIterator[list[Node]]:
     """Start `n` nodes in this loop; yields them in rank order and closes them on exit.
 
-    Each cluster gets a random secret unless one is given, or `no_secret` (loopback only).
+    Each cluster gets a random secret unless one is given, or `no_secret` (insecure mode).
     """
     secret = None if no_secret else (secret if secret is not None else os.urandom(16))
+    if no_secret:
+        kwargs["insecure"] = True
     kwargs.setdefault("timeouts", short_timeouts())
     leader = Node(0, world_size=n, host="127.0.0.1", port=0, secret=secret, **kwargs)
     lead_task = await start_listening(leader)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -147,12 +148,11 @@ class Node:
 class Procs:
     """Starts node processes; `close()` kills those still running (by pid)."""
 
-    def __init__(
-        self, tmp: Path, task_dir: Path | None = None, secret: str = "test-secret-123"
-    ) -> None:
+    def __init__(self, tmp: Path, task_dir: Path | None = None, secret: str | None = None) -> None:
         self.tmp = tmp
         self.task_dir = task_dir
-        self.secret = secret
+        self.secret = secret or secrets.token_hex(32)
+        self.job: str | None = None
         self.nodes: list[Node] = []
 
     def start(
@@ -183,6 +183,7 @@ class Procs:
         return node
 
     def lead(self, job: str, nodes: int, *extra: str, env: dict[str, str] | None = None) -> Node:
+        self.job = job
         return self.start(
             "leader",
             ["--lead", "--job", job, "--nodes", str(nodes), "--op-timeout", "30", *extra],
@@ -197,7 +198,8 @@ class Procs:
         task_dir: Path | None = None,
     ) -> Node:
         address = leader.wait_event("ready")["address"]
-        return self.start(name, ["--leader", address, "--op-timeout", "30"], env, task_dir)
+        allow = ["--allow-task", self.job] if self.job else []
+        return self.start(name, ["--leader", address, "--op-timeout", "30", *allow], env, task_dir)
 
     def close(self) -> None:
         stop_processes([node.popen for node in self.nodes], grace=0.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -126,6 +127,7 @@ def test_node_prints_ready_line_and_stops_cleanly_on_sigterm() -> None:
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        env={**os.environ, "P2PDL_SECRET": secrets.token_hex(32)},
     )
     try:
         assert proc.stdout is not None

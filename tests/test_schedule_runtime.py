@@ -71,18 +71,19 @@ def test_optimizer_config_is_validated() -> None:
 
 
 def test_job_node_options_are_validated() -> None:
-    leader = NodeConfig(world_size=2)
-    joiner = NodeConfig(leader=("127.0.0.1", 5000))
+    secret = {"secret": b"s" * 16}
+    leader = NodeConfig(world_size=2, **secret)
+    joiner = NodeConfig(leader=("127.0.0.1", 5000), **secret)
     with pytest.raises(ConfigError, match="needs a job"):
         JobOptions().check_role(leader)
     with pytest.raises(ConfigError, match=r"leads .* or joins"):
-        JobOptions(job="a:b").check_role(NodeConfig(rank=0, peers=[("127.0.0.1", 1)]))
+        JobOptions(job="a:b").check_role(NodeConfig(rank=0, peers=[("127.0.0.1", 1)], **secret))
     with pytest.raises(ConfigError, match="the leader's settings"):
         JobOptions(job="a:b", bsp=True).check_role(joiner)
     with pytest.raises(ConfigError, match="--resume needs --checkpoint-dir"):
         JobOptions(job="a:b", resume=True)
     with pytest.raises(ConfigError, match="without a shared secret"):
-        NodeConfig(world_size=2, host="0.0.0.0")
+        NodeConfig(world_size=2)
 
 
 # ------------------------------------------------------------------------ processes

@@ -316,7 +316,7 @@ def test_discard_and_provide_need_a_pending_head() -> None:
 def test_prefix_layout_is_fixed() -> None:
     # The documented layout: magic "P2" | version u8 | flags u8 | header u32 | payload u64.
     assert PREFIX_SIZE == 16
-    assert struct.pack("<2sBBIQ", b"P2", 1, 0, 5, 6) == prefix(header_len=5, payload_len=6)
+    assert struct.pack("<2sBBIQ", b"P2", 2, 0, 5, 6) == prefix(header_len=5, payload_len=6)
 
 
 def test_abandoned_payload_is_skipped_and_the_next_frame_parses() -> None:

@@ -67,3 +67,8 @@ async def exit_with(node: Node, code: int = 0, rank: int = -1) -> None:
     if node.rank == rank:
         os._exit(code)
     await asyncio.get_running_loop().create_future()
+
+
+async def environment_secret(node: Node) -> str | None:
+    """What this node process still has of P2PDL_SECRET (it should have taken it out)."""
+    return os.environ.get("P2PDL_SECRET")

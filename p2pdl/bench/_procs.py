@@ -43,13 +43,22 @@ def worker_rank() -> tuple[int, int]:
     raise RuntimeError("not started as a benchmark worker (no rank in the environment)")
 
 
-def run_workers(worker_argv: Sequence[str], nodes: int, *, use_mpirun: bool, timeout: float) -> int:
+def run_workers(
+    worker_argv: Sequence[str],
+    nodes: int,
+    *,
+    use_mpirun: bool,
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> int:
     """Run `python <worker_argv>` as `nodes` ranks; the first non-zero exit status, or 0.
 
+    `env` adds to the workers' environment (a secret goes there, never on the command line).
     A worker that fails takes the rest down (after a short grace period); so does the timeout.
     """
+    extra = env or {}
     python = [sys.executable, *worker_argv]
-    env = dict(os.environ)
+    env = {**os.environ, **extra}
     env.setdefault("PYTHONUNBUFFERED", "1")
     if use_mpirun:
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")

@@ -45,7 +45,10 @@ KNOWN_ALGORITHMS = (
     "tree",
 )
 """`hierarchical-loopback`: the hierarchical allreduce with its phases within a host forced
-onto loopback TCP instead of shared memory (for comparison; needs --host-layout)."""
+onto loopback TCP instead of shared memory (for comparison; needs --host-layout). Any of
+them with `-plain` (e.g. `sliced-plain`) runs on a second cluster of the same ranks with
+`encryption=False`, for encrypted-vs-plain ratios in one run."""
+PLAIN = "-plain"
 UNCOMPRESSED_ONLY = ("shm", "driver", "tree")
 """Algorithms that send full precision only (shm sends nothing): no compressed variants."""
 KNOWN_COMPRESSIONS = ("none", "bf16", "fp16")
@@ -177,6 +180,7 @@ class Config:
     gc: str = "on"
     order: str = "rotate"
     leader_port: int = 0
+    plain_port: int = 0
     gloo_port: int = 0
     secret: str = ""
     out: str = ""
@@ -210,7 +214,8 @@ def parse_config(args: argparse.Namespace) -> Config:
                 f"--host-layout needs one non-empty label per rank ({args.nodes}), "
                 f"got {args.host_layout!r}"
             )
-    algorithms = _choices(args.algorithms, KNOWN_ALGORITHMS, "algorithms")
+    known = (*KNOWN_ALGORITHMS, *(a + PLAIN for a in KNOWN_ALGORITHMS))
+    algorithms = _choices(args.algorithms, known, "algorithms")
     if layout is None and any(a.startswith("hierarchical") for a in algorithms):
         raise UsageError("the hierarchical algorithms need --host-layout (e.g. a,a,b,b)")
     return Config(
@@ -237,7 +242,7 @@ def _variants(cfg: Config) -> list[tuple[str, str, str]]:
         ("p2pdl", a, c)
         for a in cfg.algorithms
         for c in cfg.compressions
-        if not (a in UNCOMPRESSED_ONLY and c != "none")
+        if not (a.removesuffix(PLAIN) in UNCOMPRESSED_ONLY and c != "none")
     ]
     if "gloo" in cfg.compare:
         out.append(("gloo", "-", "none"))
@@ -276,24 +281,35 @@ async def _worker(cfg: Config) -> None:
     kwargs: dict[str, Any] = {"secret": cfg.secret}
     if cfg.chunk_bytes:
         kwargs["chunk_bytes"] = cfg.chunk_bytes
-    if rank == 0:
-        node = Node(world_size=world, host="127.0.0.1", port=cfg.leader_port, **kwargs)
-    else:
-        node = Node(rank, leader=("127.0.0.1", cfg.leader_port), **kwargs)
+
+    def make(port: int, **extra: Any) -> Node:
+        if rank == 0:
+            return Node(world_size=world, host="127.0.0.1", port=port, **kwargs, **extra)
+        return Node(rank, leader=("127.0.0.1", port), **kwargs, **extra)
+
+    node = make(cfg.leader_port)
+    plain = (
+        make(cfg.plain_port, encryption=False)
+        if any(a.endswith(PLAIN) for a in cfg.algorithms)
+        else None
+    )
 
     async def call(
         bufs: SimpleNamespace, library: str, algorithm: str, compression: str
     ) -> tuple[float, float]:
         """(wall seconds, CPU seconds of this process, all threads) of one call."""
         if library == "p2pdl":
+            on = plain if algorithm.endswith(PLAIN) else node
+            assert on is not None
+            algorithm = algorithm.removesuffix(PLAIN)
             np.copyto(bufs.buf, bufs.src)
-            arena = node.collectives.shm if node.collectives is not None else None
+            arena = on.collectives.shm
             kept = arena.host_usable if arena is not None else None
             if algorithm == "hierarchical-loopback" and arena is not None:
                 arena.host_usable = False  # every rank alike: phases 1 and 3 over loopback
-            await node.barrier()
+            await on.barrier()
             c0, t0 = time.process_time(), time.perf_counter()
-            await node.allreduce(
+            await on.allreduce(
                 bufs.buf,
                 algorithm=algorithm.removesuffix("-loopback"),
                 compression=None if compression == "none" else compression,
@@ -318,6 +334,8 @@ async def _worker(cfg: Config) -> None:
 
     variants = _variants(cfg)
     report: dict[str, Any] = {"sizes": []}
+    if plain is not None:
+        await plain.start()
     async with node:
         assert node.rank == rank, (node.rank, rank)
         if cfg.host_layout is not None and node.collectives is not None:
@@ -363,7 +381,8 @@ async def _worker(cfg: Config) -> None:
                 if library != "p2pdl":
                     continue
                 await call(bufs, library, algorithm, compression)
-                chosen = node.collectives.last_algorithm if node.collectives else None
+                on = plain if algorithm.endswith(PLAIN) and plain is not None else node
+                chosen = on.collectives.last_algorithm
                 crc = zlib.crc32(memoryview(buf).cast("B"))
                 err = float(np.max(np.abs(buf - reference))) if reference is not None else 0.0
                 tol = 0.0
@@ -415,6 +434,8 @@ async def _worker(cfg: Config) -> None:
                 print(f"  {format_size(size)} done", file=sys.stderr, flush=True)
             del src, buf, gbuf, mbuf, bufs
         await node.barrier()
+    if plain is not None:
+        await plain.close()
     if dist is not None:
         dist.destroy_process_group()
     if rank == 0:
@@ -427,11 +448,12 @@ def _tune(node: Any, cfg: Config) -> None:
 
     if cfg.inline_bytes is not None:
         node.collectives.compute.inline_bytes = cfg.inline_bytes
+    mesh = node.session.mesh
     if cfg.sockbuf is not None:
         for peer in range(node.world_size):
             if peer == node.rank:
                 continue
-            transport = node.mesh.link(peer)._transport
+            transport = mesh.link(peer)._transport
             sock = transport.get_extra_info("socket") if transport is not None else None
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.sockbuf)
@@ -583,8 +605,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.mpi = use_mpirun
         cfg.mpi_status = mpi_missing or (None if use_mpirun else "not launched under mpirun")
     cfg.leader_port = free_port()
+    cfg.plain_port = free_port()
     cfg.gloo_port = free_port()
-    cfg.secret = secrets.token_hex(16)
+    cfg.secret = secrets.token_hex(32)
     json_path = Path(args.json_path or f"bench-results/allreduce-n{cfg.nodes}.json")
     with tempfile.TemporaryDirectory(prefix="p2pdl-bench-") as tmp:
         cfg.out = str(Path(tmp) / "raw.json")

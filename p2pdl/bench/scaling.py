@@ -643,7 +643,7 @@ def _main(args: argparse.Namespace) -> int:
             repeat=args.repeat,
             warmup=args.warmup,
             chunk_bytes=args.chunk_bytes,
-            secret=secrets.token_hex(16),
+            secret=secrets.token_hex(32),
             out="",
         )
         for n in hosts:

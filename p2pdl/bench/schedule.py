@@ -40,7 +40,7 @@ def run_config(
     elif group_size is not None:
         lead += ["--group-size", str(group_size)]
     # A fresh secret per run, in the environment (never on the command line).
-    env = dict(os.environ, PYTHONUNBUFFERED="1", P2PDL_SECRET=secrets.token_hex(16))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", P2PDL_SECRET=secrets.token_hex(32))
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     procs: list[subprocess.Popen[bytes]] = []
@@ -69,7 +69,7 @@ def run_config(
             for _ in range(nodes - 1):
                 procs.append(
                     subprocess.Popen(
-                        [*node, "--leader", address],
+                        [*node, "--leader", address, "--allow-task", TASK],
                         stdout=subprocess.DEVNULL,
                         env=env,
                         cwd=root,

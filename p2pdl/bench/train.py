@@ -96,8 +96,9 @@ def _worker(args: argparse.Namespace) -> int:
     node = None
     if mode.startswith(("p2pdl", "comm-p2pdl")):
         import p2pdl
+        from p2pdl.config import take_env_secret
 
-        settings = {"secret": args.secret.encode()}
+        settings = {"secret": take_env_secret()}
         if rank == 0:
             node = p2pdl.connect(0, world_size=world, port=args.p2pdl_port, **settings)
         else:
@@ -147,7 +148,7 @@ def _worker(args: argparse.Namespace) -> int:
             start = (i * args.batch + rank * local_batch) % (len(x) - local_batch)
             task._forward_backward(range(start, start + local_batch))
             t1 = time.perf_counter()
-            sharded.runner.call(sharded.step_async(lr))
+            sharded.attached.call(sharded.step_async(lr))
             fwd_bwd.append(t1 - t0)
             after.append(time.perf_counter() - t1)
 
@@ -221,9 +222,14 @@ def _run(mode: str, nodes: int, args: argparse.Namespace) -> dict[str, Any] | No
             "--batch", str(args.batch), "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--bucket-mb", str(args.bucket_mb),
             "--gloo-port", str(free_port()), "--p2pdl-port", str(free_port()),
-            "--secret", secrets.token_hex(16),
         ]  # fmt: skip
-        code = run_workers(argv, nodes, use_mpirun=False, timeout=args.timeout)
+        code = run_workers(
+            argv,
+            nodes,
+            use_mpirun=False,
+            timeout=args.timeout,
+            env={"P2PDL_SECRET": secrets.token_hex(32)},
+        )
         if code != 0 or not os.path.exists(out):
             print(f"{mode} at n={nodes} failed (exit status {code})", file=sys.stderr)
             return None
@@ -287,7 +293,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--gloo-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--p2pdl-port", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--secret", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

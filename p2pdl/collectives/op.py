@@ -19,6 +19,7 @@ named in that rank's `PeerLostError`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -28,10 +29,14 @@ from p2pdl.errors import (
     CollectiveTimeoutError,
     P2PDLError,
     PeerLostError,
+    ProtocolError,
     SharedMemoryError,
 )
 
 log = logging.getLogger("p2pdl.collectives")
+
+UNSIZED_LIMIT = 4096
+"""The most a receive without a buffer accepts from a peer (names, acks, verdicts)."""
 
 SUB_BITS = 24
 ABORT_SUB = (1 << SUB_BITS) - 1
@@ -45,8 +50,10 @@ class LinkLike(Protocol):
     closed_here: bool
 
     def post(
-        self, tag: int, view: memoryview | None = None, check: Any = None
+        self, tag: int, view: memoryview | None = None, check: Any = None, *, limit: int = ...
     ) -> asyncio.Future[tuple[dict[str, Any], memoryview]]: ...
+
+    def opening(self, lo: int, hi: int) -> list[asyncio.Future[None]]: ...
 
     async def send(self, header: dict[str, Any], payload: memoryview | None = None) -> None: ...
 
@@ -126,9 +133,12 @@ class Operation:
 
         return check
 
-    def recv(self, peer: int, sub: int, view: memoryview | None) -> asyncio.Future[Any]:
-        """Post a receive for frame `sub` from `peer` into `view` (None: a new buffer)."""
-        future = self.group.link(peer).post(self.base | sub, view, self._check(peer))
+    def recv(
+        self, peer: int, sub: int, view: memoryview | None, *, limit: int = UNSIZED_LIMIT
+    ) -> asyncio.Future[Any]:
+        """Post a receive for frame `sub` from `peer` into `view` (None: a new buffer of at
+        most `limit` bytes: names, acknowledgements and verdicts are tiny)."""
+        future = self.group.link(peer).post(self.base | sub, view, self._check(peer), limit=limit)
         self._waiting[future] = peer
         future.add_done_callback(self._settled)
         return future
@@ -203,6 +213,16 @@ class Operation:
             if self._error is not None:
                 self._broadcast_abort(self._error)
             self._retire()
+            opening = [
+                future
+                for peer in self.peers
+                for future in group.link(peer).opening(self.base, span)
+            ]
+            if opening:
+                # Payloads being decrypted into this operation's buffers off the loop: the
+                # operation returns only once nothing writes them any more.
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(asyncio.gather(*opening, return_exceptions=True))
 
     def fail(self, error: P2PDLError) -> None:
         """Fail the operation with `error` (first error wins)."""
@@ -218,6 +238,9 @@ class Operation:
         # A peer that already delivered everything this operation needs from it may leave
         # (it finished first and closed); sends to it still fail on their own.
         if not any(p == rank and not f.done() for f, p in self._waiting.items()):
+            return
+        if isinstance(error, ProtocolError):
+            self.fail(ProtocolError(f"{self.name}: {error}", rank=rank))
             return
         detail = error.detail if isinstance(error, PeerLostError) else str(error)
         self.fail(PeerLostError([rank], detail, operation=self.name))

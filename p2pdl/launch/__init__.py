@@ -123,7 +123,7 @@ def launch(world_size: int, command: Sequence[str], *, grace: float = 5.0) -> in
     import uvloop
 
     leader = f"127.0.0.1:{free_port()}"
-    secret = secrets.token_hex(16)
+    secret = secrets.token_hex(32)
     argv = [sys.executable, *command] if command[0] != sys.executable else list(command)
     envs = [cluster_env(rank, world_size, leader, secret) for rank in range(world_size)]
     return uvloop.run(_launch([argv] * world_size, envs, grace))
@@ -140,7 +140,7 @@ def launch_job(
     import uvloop
 
     host, port = "127.0.0.1", free_port()
-    secret = secrets.token_hex(16)
+    secret = secrets.token_hex(32)
     base = [sys.executable, "-m", "p2pdl", "node"]
     leader = [
         *base,
@@ -156,6 +156,7 @@ def launch_job(
         *node_args,
     ]
     worker = [*base, "--leader", f"{host}:{port}", "--host", host, "--port", "0"]
+    worker += ["--allow-task", job]  # the workers run this job and nothing else
     env = {**os.environ, "P2PDL_SECRET": secret, "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_WAIT_POLICY", "passive")
     env.pop("P2PDL_RANK", None)

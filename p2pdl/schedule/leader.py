@@ -227,7 +227,15 @@ class Leader:
             self._drop(handle, str(exc))
             return
         handle.addr = address
-        await self._send(handle, {"k": "job", "job": self.job.to_wire(), "node_id": handle.node_id})
+        await self._send(
+            handle,
+            {
+                "k": "job",
+                "job": self.job.to_wire(),
+                "node_id": handle.node_id,
+                "digest": self.digest,
+            },
+        )
 
     async def _on_hello(self, handle: NodeHandle, message: dict[str, Any]) -> None:
         where = f"node at {handle.addr[0]}:{handle.addr[1]}" if handle.addr else "a node"

@@ -29,7 +29,7 @@ _OPT_STR = (str, type(None))
 
 MESSAGES: dict[str, dict[str, tuple[type, ...] | type]] = {
     # leader -> worker
-    "job": {"job": dict, "node_id": int},
+    "job": {"job": dict, "node_id": int, "digest": str},
     "welcome": {},
     "error": {"reason": str},
     "epoch": {

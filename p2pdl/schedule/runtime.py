@@ -51,7 +51,11 @@ class JobOptions:
     get the job from the leader."""
 
     job: str | None = None
-    """Task reference "package.module:attr" (leader only)."""
+    """Task reference "package.module:attr": what the leader runs; on a joining node, the
+    one task it agrees to run (as if given with `allow_tasks`)."""
+    allow_tasks: tuple[str, ...] = ()
+    """A joining node runs only these tasks (and `job`); any other job is refused before
+    any of its code is imported."""
     nodes: int = 1
     """Nodes, the leader included, to wait for before the first step (leader)."""
     min_nodes: int | None = None
@@ -102,16 +106,22 @@ class JobOptions:
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number")
 
+    @property
+    def allowed(self) -> frozenset[str]:
+        """The tasks a joining node agrees to run."""
+        return frozenset((*self.allow_tasks, *((self.job,) if self.job else ())))
+
     def check_role(self, config: NodeConfig) -> None:
         """Leader-only settings on a leader only; a leader needs a job."""
         if config.mode == "lead":
             if not self.job:
                 raise ConfigError("the leader needs a job (--job module:attr)")
+            if self.allow_tasks:
+                raise ConfigError("--allow-task is for joining nodes; the leader runs --job")
             return
         if config.mode != "join":
             raise ConfigError("a training node leads (--lead) or joins a leader (--leader)")
         leader_only = {
-            "--job": self.job is not None,
             "--min-nodes": self.min_nodes is not None,
             "--bsp": self.bsp,
             "--group-size": self.group_size is not None,
@@ -353,11 +363,11 @@ async def _run_worker(config: NodeConfig, options: JobOptions) -> dict[str, Any]
             raise JobError(f"expected the job from the leader, got {first['k']!r}")
         try:
             job = Job.from_wire(first["job"])
+            digest = _admit_task(job.task, first["digest"], options)
             task = resolve_task(job.task)
-            digest = task_digest(job.task)
-        except ConfigError as exc:
+        except (ConfigError, JobError) as exc:
             await channel.send({"k": "hello", "digest": None, "error": str(exc)})
-            raise ConfigError(f"cannot run the leader's job: {exc}") from None
+            raise JobError(f"cannot run the leader's job: {exc}") from None
         await channel.send({"k": "hello", "digest": digest, "error": None})
         reply = check(await _recv_first(channel, options), sender="the leader")
         if reply["k"] == "error":
@@ -397,6 +407,26 @@ async def _run_worker(config: NodeConfig, options: JobOptions) -> dict[str, Any]
         if channel is not None:
             channel.close()
         await node.close()
+
+
+def _admit_task(reference: str, digest: str, options: JobOptions) -> str:
+    """Agree to run the leader's task only if this node was told to, and only if its source
+    here is what the leader runs — both checked before the task's module is imported."""
+    allowed = options.allowed
+    if reference not in allowed:
+        told = ", ".join(sorted(allowed)) if allowed else "no task"
+        raise JobError(
+            f"the leader asks for task {reference}; this node was told to run {told} "
+            f"(start it with --allow-task {reference} to accept it)"
+        )
+    mine = task_digest(reference)
+    if mine != digest:
+        raise JobError(
+            f"task digest mismatch: the leader runs sha256 {digest} of "
+            f"{reference.partition(':')[0]}'s source, this node has {mine}; every node must "
+            "run the same task code"
+        )
+    return mine
 
 
 async def _serve_plain_member(node: Node, table: dict[str, Any]) -> dict[str, Any]:

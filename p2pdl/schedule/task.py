@@ -40,10 +40,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import inspect
+import importlib.machinery
 import logging
-import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -163,15 +163,35 @@ def resolve_task(reference: str) -> Any:
     return obj
 
 
+def locate_source(module_name: str) -> Path:
+    """The source file of `module_name`, found without importing it or its packages (a
+    worker checks a task's digest before any of the task's code runs)."""
+    parts = module_name.split(".")
+    if not all(part.isidentifier() for part in parts):
+        raise ConfigError(f"{module_name!r} is not a module name")
+    path: list[str] | None = None
+    spec = None
+    for i, _part in enumerate(parts):
+        spec = importlib.machinery.PathFinder.find_spec(".".join(parts[: i + 1]), path)
+        if spec is None:
+            raise ConfigError(f"cannot find the task module {module_name!r}")
+        if i < len(parts) - 1:
+            if spec.submodule_search_locations is None:
+                raise ConfigError(f"{'.'.join(parts[: i + 1])!r} is not a package")
+            path = list(spec.submodule_search_locations)
+    assert spec is not None
+    if not spec.origin or not spec.has_location or not spec.origin.endswith(".py"):
+        raise ConfigError(f"task module {module_name!r} has no Python source file")
+    return Path(spec.origin)
+
+
 def task_digest(reference: str) -> str:
-    """sha256 (hex) of the source of the task's module, as this node would run it."""
+    """sha256 (hex) of the source of the task's module, read without importing it."""
     module_name = reference.partition(":")[0]
-    module = sys.modules.get(module_name) or importlib.import_module(module_name)
     try:
-        source = inspect.getsource(module)
-    except (OSError, TypeError) as exc:
+        return hashlib.sha256(locate_source(module_name).read_bytes()).hexdigest()
+    except OSError as exc:
         raise ConfigError(f"cannot read the source of task module {module_name!r}: {exc}") from None
-    return hashlib.sha256(source.encode()).hexdigest()
 
 
 def task_spec(task: Any, reference: str) -> Mapping[str, Any]:

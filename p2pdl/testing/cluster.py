@@ -71,7 +71,7 @@ class LocalCluster:
         self.op_timeout = op_timeout
         self.connect_timeout = connect_timeout
         self.cwd = cwd or os.getcwd()
-        self.secret = secrets.token_hex(16)
+        self.secret = secrets.token_hex(32)
         self.env = {
             **os.environ,
             **(env or {}),

@@ -23,6 +23,7 @@ import struct
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
@@ -124,6 +125,7 @@ class Opener:
     """The receiving direction of a link: opens frames in the order they arrive."""
 
     def __init__(self, key: bytes, peer: str) -> None:
+        self._key = key
         self._aead = AESGCM(key)
         self._next = 0
         self.peer = peer
@@ -151,5 +153,30 @@ class Opener:
         """Decrypt `sealed` (ciphertext and tag) straight into `out`."""
         try:
             self._aead.decrypt_into(_NONCE.pack(1, seq), sealed, prefix, out)
+        except InvalidTag:
+            raise self._failed("payload") from None
+
+    def open_payload_in_place(
+        self, seq: int, prefix: bytes, buffer: memoryview, tag: bytes
+    ) -> None:
+        """Decrypt the ciphertext in `buffer` where it lies (the posted buffer: the record's
+        tag arrived separately), then check the tag. If the check fails the buffer holds
+        garbage and ProtocolError says so: the receive fails, it never yields a result."""
+        decryptor = Cipher(
+            algorithms.AES(self._key), modes.GCM(_NONCE.pack(1, seq), tag)
+        ).decryptor()
+        decryptor.authenticate_additional_data(prefix)
+        n = buffer.nbytes
+        # update_into wants room for a block beyond its input: in place up to the last 15
+        # bytes, which go through a small scratch.
+        head = max(0, n - 15)
+        if head:
+            decryptor.update_into(buffer[:head], buffer[:n])
+        if head < n:
+            scratch = bytearray(32)
+            done = decryptor.update_into(buffer[head:n], scratch)
+            buffer[head : head + done] = scratch[:done]
+        try:
+            decryptor.finalize()
         except InvalidTag:
             raise self._failed("payload") from None

@@ -17,9 +17,9 @@ The transport knows connections, tags and buffers — never what a slice or a st
   fails the link with `ProtocolError`, never a wrong result. `encryption=False` keeps the
   authenticated handshake and sends plain frames (trusted fabrics only); both ends must agree.
   Without a secret (`insecure`) there are no proofs and no encryption.
-* Receiving: a caller posts a buffer for `(peer, tag)`; the payload lands in it — read by the
-  kernel straight into it for plain frames, or decrypted straight into it from the sealed
-  record (`decrypt_into`; large ones on the reduce threads through `offload`). A frame that
+* Receiving: a caller posts a buffer for `(peer, tag)`; the payload is read by the kernel
+  straight into it — for a sealed frame the ciphertext, whose tag lands in a small buffer of
+  its own, opened in place once complete (large ones on the reduce threads, `offload`). A frame that
   arrives before its buffer is kept in memory when small (bounded per connection); a large
   one pauses reading until its buffer is posted, so memory never grows with what a peer
   claims. A receive posted without a buffer states the most it accepts.
@@ -109,12 +109,12 @@ class _Posted:
 
 @dataclass(slots=True)
 class _Landing:
-    """Where the payload being read goes: a sealed record into scratch, opened on delivery.
-    `counted`: its plaintext already counts against the early-frame budget."""
+    """A sealed payload being read: its ciphertext lands in its final buffer, its tag here;
+    it is opened in place on delivery. `counted`: it counts against the early budget."""
 
     head: FrameHead
     plain: int
-    scratch: bytearray
+    tag: bytearray
     counted: bool
 
 
@@ -346,14 +346,14 @@ class Link(asyncio.BufferedProtocol):
     def _provide(
         self, head: FrameHead, plain: int, destination: memoryview, *, counted: bool = False
     ) -> None:
-        """Plain payloads land in `destination` itself; sealed ones in scratch, opened into
-        the posted buffer (or an early one) when complete."""
+        """The payload lands in `destination` itself; a sealed one's tag in a small buffer
+        of its own, and the ciphertext is opened in place when the frame is complete."""
         if self._opener is None or not plain:
             self._reader.provide(destination)
             return
-        scratch = self._take_scratch(head.payload_len)
-        self._landing = _Landing(head, plain, scratch, counted)
-        self._reader.provide(memoryview(scratch)[: head.payload_len])
+        tag = bytearray(TAG_BYTES)
+        self._landing = _Landing(head, plain, tag, counted)
+        self._reader.provide(destination, memoryview(tag))
 
     def _refuse(self, tag: int, posted: _Posted, error: P2PDLError) -> None:
         del self._posted[tag]
@@ -377,17 +377,26 @@ class Link(asyncio.BufferedProtocol):
             return
         landing, self._landing = self._landing, None
         posted = self._posted.pop(tag, None)
-        if landing is not None:
-            self._deliver_sealed(tag, landing, posted)
-            return
         buffer = frame.payload.obj
         if posted is not None and posted.view is not None and buffer is posted.view.obj:
-            if not posted.future.done():
+            if landing is not None:
+                self._open_posted(tag, landing, posted)
+            elif not posted.future.done():
                 posted.future.set_result((frame.header, posted.view))
             return
         if not isinstance(buffer, bytearray):
             return  # its receive was posted, then cancelled: nobody wants this frame now
         # The payload went to an early buffer: no receive was posted when its header came.
+        if landing is not None:
+            opener = self._opener
+            assert opener is not None
+            try:
+                opener.open_payload_in_place(
+                    landing.head.seq, landing.head.prefix, frame.payload, bytes(landing.tag)
+                )
+            except ProtocolError as exc:
+                self._fail(ProtocolError(str(exc), rank=self.rank))
+                return
         self._early_bytes -= len(buffer)
         if posted is not None:
             # The receive was posted while this payload was still arriving: copy it over.
@@ -396,71 +405,46 @@ class Link(asyncio.BufferedProtocol):
         self._early_bytes += len(buffer)
         self._early[tag] = (frame.header, buffer)
 
-    def _deliver_sealed(self, tag: int, landing: _Landing, posted: _Posted | None) -> None:
-        """Open a sealed payload into its final place: the posted buffer, or an early one."""
+    def _open_posted(self, tag: int, landing: _Landing, posted: _Posted) -> None:
+        """Open a sealed payload in the posted buffer it landed in (large ones off the loop)."""
         opener = self._opener
-        assert opener is not None
-        head, plain = landing.head, landing.plain
-        record = memoryview(landing.scratch)[: head.payload_len]
-        if posted is None or posted.view is None or posted.view.nbytes != plain:
-            # Early (or its receive changed meanwhile): open into memory now.
-            early = bytearray(plain)
-            try:
-                opener.open_payload_into(head.seq, head.prefix, record, memoryview(early))
-            except ProtocolError as exc:
-                self._fail(ProtocolError(str(exc), rank=self.rank))
-                return
-            finally:
-                self._give_scratch(landing.scratch)
-            keep = posted is None and tag not in self._early and not self._is_retired(tag)
-            if landing.counted and not keep:
-                self._early_bytes -= plain
-            elif keep and not landing.counted:
-                self._early_bytes += plain
-            if posted is not None:
-                self._fill(posted, tag, head.header, early)
-            elif keep:
-                self._early[tag] = (head.header, early)
-            return
         view = posted.view
+        assert opener is not None and view is not None
+        head = landing.head
+        tag_bytes = bytes(landing.tag)
 
         def open_record() -> None:
-            opener.open_payload_into(head.seq, head.prefix, record, view)
+            opener.open_payload_in_place(head.seq, head.prefix, view, tag_bytes)
 
-        if self.offload is None or plain < OFFLOAD_BYTES:
+        if self.offload is None or landing.plain < OFFLOAD_BYTES:
             try:
                 open_record()
             except ProtocolError as exc:
-                self._give_scratch(landing.scratch)
                 self._fail(ProtocolError(str(exc), rank=self.rank))
                 return
-            self._give_scratch(landing.scratch)
             if not posted.future.done():
                 posted.future.set_result((head.header, view))
             return
         self._opening[tag] = asyncio.ensure_future(
-            self._open_off_loop(tag, open_record, landing, posted, head.header, plain)
+            self._open_off_loop(tag, open_record, posted, head.header)
         )
 
     async def _open_off_loop(
         self,
         tag: int,
         open_record: Callable[[], None],
-        landing: _Landing,
         posted: _Posted,
         header: dict[str, Any],
-        plain: int,
     ) -> None:
         assert self.offload is not None and posted.view is not None
         try:
-            await self.offload(plain, open_record)
+            await self.offload(posted.view.nbytes, open_record)
         except ProtocolError as exc:
             self._fail(ProtocolError(str(exc), rank=self.rank))
             if not posted.future.done():
                 posted.future.set_exception(self.lost or exc)
             return
         finally:
-            self._give_scratch(landing.scratch)
             self._opening.pop(tag, None)
         if not posted.future.done():
             posted.future.set_result((header, posted.view))
@@ -616,8 +600,9 @@ class Link(asyncio.BufferedProtocol):
         if not posted.future.done():
             posted.future.cancel()
         arriving = self._reader.receiving_head
-        if arriving is not None and arriving.header.get("t") == tag and self._landing is None:
+        if arriving is not None and arriving.header.get("t") == tag:
             self._reader.abandon()
+            self._landing = None
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self._transport is not None:

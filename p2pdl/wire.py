@@ -145,6 +145,8 @@ class FrameReader:
     __slots__ = (
         "_dest",
         "_dest_filled",
+        "_main",
+        "_trailer",
         "_head",
         "_header_len",
         "_max_header",
@@ -178,6 +180,8 @@ class FrameReader:
         self._head: FrameHead | None = None
         self._dest: memoryview | None = None
         self._dest_filled = 0
+        self._main: memoryview | None = None
+        self._trailer: memoryview | None = None
 
     def set_limits(self, *, max_header: int, max_payload: int) -> None:
         """Tighten or relax limits (after authentication a peer may send larger frames)."""
@@ -234,6 +238,7 @@ class FrameReader:
         """Record that `nbytes` were written into the view returned by `get_buffer`."""
         if self._state == self._PAYLOAD:
             self._dest_filled += nbytes
+            self._next_part()
         else:
             self._scratch_end += nbytes
 
@@ -261,27 +266,55 @@ class FrameReader:
         if self._state != self._PAYLOAD or self._dest is None:
             raise RuntimeError("abandon called with no payload in progress")
         self._pending = self._dest.nbytes - self._dest_filled
-        self._dest = None
+        if self._trailer is not None:
+            self._pending += self._trailer.nbytes
+        self._dest = self._main = self._trailer = None
         self._head = None
         self._state = self._DISCARD if self._pending else self._PREFIX
 
-    def provide(self, destination: memoryview) -> None:
-        """Give the pending payload its destination; buffered payload bytes are copied in."""
+    def provide(self, destination: memoryview, trailer: memoryview | None = None) -> None:
+        """Give the pending payload its destination; buffered payload bytes are copied in.
+
+        With a `trailer`, the payload's last `trailer.nbytes` bytes land there instead (a
+        sealed record's tag, so that the ciphertext lands in the final buffer itself).
+        """
         head = self._head
         if self._state != self._WAIT_DEST or head is None:
             raise RuntimeError("provide called with no pending payload")
-        if destination.nbytes != head.payload_len:
+        extra = trailer.nbytes if trailer is not None else 0
+        if destination.nbytes + extra != head.payload_len:
             raise ValueError(
-                f"destination holds {destination.nbytes} bytes, payload is {head.payload_len}"
+                f"destination holds {destination.nbytes + extra} bytes, "
+                f"payload is {head.payload_len}"
             )
         dest = destination.cast("B") if destination.format != "B" else destination
-        take = min(self._scratch_end - self._scratch_pos, head.payload_len)
-        if take:
-            dest[:take] = self._scratch_view[self._scratch_pos : self._scratch_pos + take]
-            self._scratch_pos += take
+        self._main = dest
+        self._trailer = trailer
         self._dest = dest
-        self._dest_filled = take
+        self._dest_filled = 0
         self._state = self._PAYLOAD
+        while True:
+            take = min(self._scratch_end - self._scratch_pos, self._dest.nbytes - self._dest_filled)
+            if take:
+                start = self._dest_filled
+                self._dest[start : start + take] = self._scratch_view[
+                    self._scratch_pos : self._scratch_pos + take
+                ]
+                self._scratch_pos += take
+                self._dest_filled += take
+            if not self._next_part():
+                return
+
+    def _next_part(self) -> bool:
+        """When the main destination is full, go on into the trailer; True if it did."""
+        if (
+            self._trailer is not None
+            and self._dest is not None
+            and self._dest_filled >= self._dest.nbytes
+        ):
+            self._dest, self._trailer, self._dest_filled = self._trailer, None, 0
+            return True
+        return False
 
     def poll(self) -> FrameHead | Frame | None:
         """Parse what has arrived; return the next event or None when more bytes are needed."""
@@ -289,11 +322,11 @@ class FrameReader:
             state = self._state
             if state == self._PAYLOAD:
                 dest = self._dest
-                assert dest is not None and self._head is not None
-                if self._dest_filled < dest.nbytes:
+                assert dest is not None and self._head is not None and self._main is not None
+                if self._dest_filled < dest.nbytes or self._trailer is not None:
                     return None
-                frame = Frame(self._head.header, dest)
-                self._dest = None
+                frame = Frame(self._head.header, self._main)
+                self._dest = self._main = None
                 self._head = None
                 self._state = self._PREFIX
                 return frame

@@ -83,3 +83,23 @@ def test_allreduce_bench_with_a_host_layout_runs_the_hierarchical_variants(tmp_p
     rows = [row for row in rows if len(row) > 1 and row[1].startswith("p2pdl/")]
     assert [row[1] for row in rows] == ["p2pdl/hierarchical", "p2pdl/hierarchical-loopback"]
     assert all(row[-1] == "ok" for row in rows)  # bit-identical on every rank, right sum
+
+
+def test_storm_bench_measures_a_flood_and_a_joiner() -> None:
+    done = _bench("storm", "--idle", "100", "--rounds", "1")
+    assert done.returncode == 0, done.stderr
+    import json
+
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith('{"event"')]
+    (row,) = json.loads(line)["rounds"]
+    assert row["idle"] == 100 and row["join_s"] > 0
+    assert row["leader_fds"] < 100  # the flood was turned away, not kept
+
+
+def test_allreduce_bench_runs_encrypted_and_plain_side_by_side() -> None:
+    done = _bench(
+        "allreduce", "--nodes", "2", "--sizes", "64K", "--algorithms", "sliced,sliced-plain",
+        "--compression", "none", "--compare", "none", "--repeat", "3", "--warmup", "1",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "p2pdl/sliced-plain" in done.stdout and "p2pdl/sliced " in done.stdout

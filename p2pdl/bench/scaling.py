@@ -166,10 +166,22 @@ async def _worker(cfg: Config, rank: int) -> None:
     if cfg.chunk_bytes:
         kwargs["chunk_bytes"] = cfg.chunk_bytes
     kwargs["timeouts"] = Timeouts(connect=120.0, operation=300.0)
-    if rank == 0:
-        node = Node(world_size=world, port=P2PDL_PORT, **kwargs)
-    else:
-        node = Node(rank, leader=(cfg.addresses[0], P2PDL_PORT), **kwargs)
+
+    def make(port: int, **extra: Any) -> Node:
+        if rank == 0:
+            return Node(world_size=world, port=port, **kwargs, **extra)
+        return Node(rank, leader=(cfg.addresses[0], port), **kwargs, **extra)
+
+    node = make(P2PDL_PORT)
+    # `<algorithm>-plain`: the same ranks on a second cluster with encryption=False, for
+    # encrypted-vs-plain ratios within one run.
+    plain = (
+        make(P2PDL_PORT + 1, encryption=False)
+        if any(a.endswith("-plain") for a in cfg.algorithms)
+        else None
+    )
+    if plain is not None:
+        await plain.start()
     variants = [("p2pdl", a) for a in cfg.algorithms] + ([("gloo", "ring")] if cfg.gloo else [])
     elems = cfg.size // 4
     rng = np.random.default_rng(1000 + rank)
@@ -190,11 +202,12 @@ async def _worker(cfg: Config, rank: int) -> None:
         async def call(library: str, algorithm: str) -> tuple[float, float, list[int], int]:
             """(wall s, own CPU s, machine /proc/stat delta, TCP retransmits) of one call."""
             if library == "p2pdl":
+                on = plain if algorithm.endswith("-plain") and plain is not None else node
                 np.copyto(buf, src)
-                await node.barrier()
+                await on.barrier()
                 tcp0 = _tcp_counters()
                 stat0, cpu0, t0 = _proc_stat(), _cpu_self(), time.perf_counter()
-                await node.allreduce(buf, algorithm=algorithm)
+                await on.allreduce(buf, algorithm=algorithm.removesuffix("-plain"))
             else:
                 assert gbuf is not None and dist is not None
                 gbuf.numpy()[:] = src
@@ -244,6 +257,8 @@ async def _worker(cfg: Config, rank: int) -> None:
         cpus = (await gather_rows(cpu.reshape(-1))).reshape(world, nv, reps)
         retx = (await gather_rows(retrans.reshape(-1))).reshape(world, nv, reps)
         await node.barrier()
+    if plain is not None:
+        await plain.close()
     if dist is not None:
         dist.destroy_process_group()
     if rank == 0:
@@ -604,7 +619,7 @@ def _main(args: argparse.Namespace) -> int:
     hosts = _parse_hosts(args.hosts)
     size = parse_size(args.size)
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    if not algorithms or any(a not in ALGORITHMS for a in algorithms):
+    if not algorithms or any(a.removesuffix("-plain") not in ALGORITHMS for a in algorithms):
         raise UsageError(f"--algorithms {args.algorithms!r}: choose from {', '.join(ALGORITHMS)}")
     if args.repeat < 1 or args.warmup < 0:
         raise UsageError("--repeat must be ≥ 1 and --warmup ≥ 0")

@@ -145,10 +145,9 @@ class FrameReader:
     __slots__ = (
         "_dest",
         "_dest_filled",
-        "_main",
-        "_trailer",
         "_head",
         "_header_len",
+        "_main",
         "_max_header",
         "_max_payload",
         "_open_header",
@@ -159,6 +158,7 @@ class FrameReader:
         "_scratch_pos",
         "_scratch_view",
         "_state",
+        "_trailer",
     )
 
     _PREFIX, _HEADER, _WAIT_DEST, _PAYLOAD, _DISCARD = range(5)

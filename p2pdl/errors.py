@@ -101,4 +101,4 @@ class CollectiveMismatchError(P2PDLError, ValueError):
 
 class SharedMemoryError(P2PDLError):
     """The shared-memory allreduce between ranks on one host could not get its memory
-    (`/dev/shm` full or too small, as in a container's default 64 MiB)."""
+    (no memfd_create, or a memory cgroup that cannot hold its segment)."""

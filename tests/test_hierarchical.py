@@ -154,7 +154,7 @@ def _run_twice(layout: list[str], size: int, host_memory: bool) -> tuple[list[np
     return run(body())
 
 
-@pytest.mark.skipif(not SHM_ROOM, reason="/dev/shm missing or under 512 MiB free")
+@pytest.mark.skipif(not SHM_ROOM, reason="no memfd_create, or under 512 MiB of memory free")
 def test_shared_memory_within_hosts_gives_the_same_bits_as_loopback() -> None:
     layout = ["a", "a", "b", "b", "b"]
     shared, usable = _run_twice(layout, 300_001, host_memory=True)
@@ -166,7 +166,7 @@ def test_shared_memory_within_hosts_gives_the_same_bits_as_loopback() -> None:
     assert all(a.tobytes() == shared[0].tobytes() for a in shared)
 
 
-@pytest.mark.skipif(not SHM_ROOM, reason="/dev/shm missing or under 512 MiB free")
+@pytest.mark.skipif(not SHM_ROOM, reason="no memfd_create, or under 512 MiB of memory free")
 def test_a_host_that_cannot_reserve_redoes_the_call_over_loopback_with_nothing_summed_twice() -> (
     None
 ):

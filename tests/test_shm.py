@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import itertools
 import os
-import time
+import threading
 
 import numpy as np
 import pytest
-from helpers import SHM_ROOM, make_cluster, on_all, on_all_settled, run
+from helpers import make_cluster, on_all, on_all_settled, run
 
-from p2pdl.collectives import shm
+from p2pdl.collectives import shm, shmfd
 from p2pdl.collectives.api import SHM_MIN_BYTES, choose_algorithm
 from p2pdl.errors import P2PDLError, SharedMemoryError
 
 pytestmark = pytest.mark.skipif(
-    not SHM_ROOM, reason=f"{shm.SHM_DIR} missing or under 512 MiB free on this system"
+    not hasattr(os, "memfd_create"), reason="no memfd_create on this system"
 )
 
 
-def own_files() -> list[str]:
-    return [f for f in os.listdir(shm.SHM_DIR) if f.startswith(f"p2pdl-{os.getpid()}-")]
+def segment_fds() -> list[int]:
+    """This process's descriptors of p2pdl segments (every rank of a test cluster's)."""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith(f"/memfd:{shmfd.MEMFD_NAME}"):
+            fds.append(int(name))
+    return fds
 
 
 def test_auto_policy_takes_shm_on_one_host_from_the_measured_crossover() -> None:
@@ -63,9 +73,11 @@ def test_shm_matches_sliced_bit_for_bit_and_auto_uses_it() -> None:
 
 def test_segments_grow_shrink_and_alternate_halves_between_other_collectives() -> None:
     """Sizes go up and down (segments grow; halves alternate) with broadcasts and sliced
-    calls in between; every result is exact (small integers), and no file stays behind."""
+    calls in between; every result is exact (small integers), and no segment's descriptor
+    outlives its arena."""
     n = 3
     sizes = [70_000, 1_000_003, 5, 2_500_000, 300_000, 2_500_000, 1]
+    before = segment_fds()
 
     async def body() -> None:
         async with make_cluster(n) as nodes:
@@ -82,8 +94,9 @@ def test_segments_grow_shrink_and_alternate_halves_between_other_collectives() -
             mean = [np.full(400_000, float(node.rank), np.float32) for node in nodes]
             await on_all(nodes, lambda node: node.allreduce(mean[node.rank], op="mean"))
             assert all(np.all(a == 1.0) for a in mean)
-            assert own_files() == []  # unlinked once every peer mapped them
-        assert own_files() == []
+            # Withdrawn from the servers once every peer mapped them.
+            assert not any(node.collectives.shm.own.offered for node in nodes)
+        assert segment_fds() == before
 
     run(body())
 
@@ -122,15 +135,15 @@ def test_on_slice_runs_on_each_owner_and_its_writes_reach_everyone() -> None:
 
 
 def test_a_rank_that_cannot_map_makes_everyone_fall_back() -> None:
-    """Ranks that share an address but not /dev/shm (containers): `auto` agrees on sliced
-    everywhere, an explicit `shm` fails everywhere with a clear error."""
+    """Ranks that share an address but cannot map each other's segments: `auto` agrees on
+    sliced everywhere, an explicit `shm` fails everywhere with a clear error."""
     n, size = 3, 300_000
 
     async def body() -> None:
         async with make_cluster(n) as nodes:
 
-            def cannot_map(rank: int, name: str) -> shm.Segment:
-                raise FileNotFoundError(name)
+            async def cannot_map(rank: int, offer: bytes, deadline: float) -> shm.Segment:
+                raise ConnectionRefusedError(111, "cannot reach its fd server")
 
             assert all(node.collectives.shm.usable for node in nodes)  # probed at start
             nodes[2].collectives.shm.peer_segment = cannot_map  # type: ignore[method-assign]
@@ -167,35 +180,73 @@ def test_bad_shm_requests_are_refused_before_anything_is_sent() -> None:
     run(body())
 
 
-def test_peer_names_outside_the_segment_pattern_are_refused() -> None:
-    arena = shm.ShmArena()
-    with pytest.raises(ValueError, match="named a shared segment"):
-        arena.peer_segment(1, "../../etc/passwd")
+def test_offers_that_are_not_offers_are_refused_before_anything_is_opened() -> None:
+    async def body() -> None:
+        arena = shm.ShmArena()
+        deadline = asyncio.get_running_loop().time() + 5.0
+        for bad in (b"../../etc/passwd", b"p2pdl-1-" + b"ab" * 8, b"", bytes(shmfd.OFFER_BYTES)):
+            with pytest.raises(ValueError, match="segment offer"):
+                await arena.peer_segment(1, bad, deadline)
+        assert arena.peers == {}
+
+    run(body())
 
 
-def test_stale_segments_of_dead_processes_are_swept() -> None:
-    dead = 2**22 + 12345  # above the default pid_max of most systems: never alive
-    while shm._alive(dead):
-        dead += 1
-    stale = os.path.join(shm.SHM_DIR, f"p2pdl-{dead}-{'ab' * 8}")
-    fresh = os.path.join(shm.SHM_DIR, f"p2pdl-{dead}-{'cd' * 8}")
-    mine = os.path.join(shm.SHM_DIR, f"p2pdl-{os.getpid()}-{'ef' * 8}")
-    try:
-        for path in (stale, fresh, mine):
-            with open(path, "wb"):
-                pass
-        old = time.time() - 2 * shm.STALE_AFTER
-        os.utime(stale, (old, old))
-        os.utime(mine, (old, old))
-        removed = shm.sweep_stale()
-        assert os.path.basename(stale) in removed
-        assert not os.path.exists(stale)
-        assert os.path.exists(fresh)  # maybe still being mapped: too young to judge
-        assert os.path.exists(mine)  # a live process's file
-    finally:
-        for path in (stale, fresh, mine):
-            if os.path.exists(path):
-                os.unlink(path)
+CLONE_NEWNET = 0x40000000
+
+
+def _server_in_another_network_namespace() -> shmfd.FdServer:
+    """An fd server whose socket lives in a new network namespace (made by a thread of its
+    own: a thread's namespace is its own), as a rank in another container's would."""
+    made: list[shmfd.FdServer | BaseException] = []
+
+    def make() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWNET) != 0:
+            made.append(OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)"))
+            return
+        made.append(shmfd.FdServer())
+
+    thread = threading.Thread(target=make)
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        pytest.skip(f"cannot make a network namespace here: {made[0]}")
+    return made[0]
+
+
+def test_ranks_in_different_network_namespaces_cannot_reach_each_other_and_agree_on_tcp() -> None:
+    """Rank 2 serves its segments in another network namespace (a container sharing the
+    host's address and memory): the others cannot reach its socket, so every rank's probe
+    says no, `auto` runs sliced everywhere and an explicit `shm` fails everywhere."""
+    n, size = 3, 300_000
+
+    async def body() -> None:
+        async with make_cluster(n) as nodes:
+            assert all(node.collectives.shm.usable for node in nodes)
+            arena = nodes[2].collectives.shm
+            arena.close()
+            arena.server = _server_in_another_network_namespace()
+            for node in nodes:
+                node.collectives.shm.usable = None  # probe again, as a new group would
+            arrays = [np.full(size, 1.0, np.float32) for _ in nodes]
+            await on_all(nodes, lambda node: node.allreduce(arrays[node.rank]))
+            assert all(np.all(a == n) for a in arrays)
+            assert [node.collectives.shm.usable for node in nodes] == [False] * n
+            assert [node.collectives.last_algorithm for node in nodes] == ["sliced"] * n
+            assert arena.own is not None
+            offer = shmfd.Offer.parse(arena.own.offer)
+            deadline = asyncio.get_running_loop().time() + 5.0
+            with pytest.raises(ConnectionRefusedError, match="cannot reach its fd server"):
+                await shmfd.fetch(offer, deadline)
+            results = await on_all_settled(
+                nodes, lambda node: node.allreduce(arrays[node.rank], algorithm="shm")
+            )
+            for result in results:
+                assert isinstance(result, P2PDLError), result
+                assert "shared memory is not usable" in str(result)
+
+    run(body())
 
 
 def test_calls_in_flight_together_take_turns() -> None:
@@ -226,7 +277,7 @@ def test_calls_in_flight_together_take_turns() -> None:
 
 
 def test_a_full_dev_shm_fails_the_call_everywhere_and_auto_redoes_it_over_the_network() -> None:
-    """One rank cannot reserve its segment (a container's small /dev/shm): every rank learns it
+    """One rank cannot reserve its segment (its memory cgroup is full): every rank learns it
     on that call; `auto` redoes the call over TCP and stays there, `shm` raises."""
     n, size = 3, 1 << 20
 
@@ -234,7 +285,7 @@ def test_a_full_dev_shm_fails_the_call_everywhere_and_auto_redoes_it_over_the_ne
         async with make_cluster(n) as nodes:
 
             def full(nbytes: int) -> shm.Segment:
-                raise SharedMemoryError(f"cannot reserve {2 * nbytes} bytes in /dev/shm: full")
+                raise SharedMemoryError(f"cannot reserve {2 * nbytes} bytes of shared memory")
 
             nodes[1].collectives.shm.own_segment = full  # type: ignore[method-assign]
             arrays = [np.full(size, float(node.rank), np.float32) for node in nodes]
@@ -258,7 +309,7 @@ def test_an_explicit_shm_call_that_cannot_allocate_fails_everywhere_with_the_rea
         async with make_cluster(3) as nodes:
 
             def full(nbytes: int) -> shm.Segment:
-                raise SharedMemoryError("cannot reserve 2097152 bytes in /dev/shm: full")
+                raise SharedMemoryError("cannot reserve 2097152 bytes of shared memory")
 
             nodes[2].collectives.shm.own_segment = full  # type: ignore[method-assign]
             arrays = [np.ones(1 << 18, np.float32) for _ in nodes]
@@ -277,8 +328,8 @@ def test_a_rank_that_fails_mid_call_tells_the_others_instead_of_letting_them_tim
     async def body() -> None:
         async with make_cluster(3) as nodes:
 
-            def gone(rank: int, name: str) -> shm.Segment:
-                raise FileNotFoundError(name)
+            async def gone(rank: int, offer: bytes, deadline: float) -> shm.Segment:
+                raise ConnectionRefusedError(111, "cannot reach its fd server")
 
             nodes[0].collectives.shm.peer_segment = gone  # type: ignore[method-assign]
             arrays = [np.ones(1 << 18, np.float32) for _ in nodes]

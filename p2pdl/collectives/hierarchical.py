@@ -125,8 +125,8 @@ async def _within_host_shm(
 ) -> None:
     """Phases 1 and 3 through the host's shared memory.
 
-    Every member copies its buffer into its segment and names it to the leader ("in"); the
-    leader sums them, in rank order, into its own segment, runs phase 2 there and names it
+    Every member copies its buffer into its segment and offers it to the leader ("in"); the
+    leader sums them, in rank order, into its own segment, runs phase 2 there and offers it
     back ("out"); members copy the result out. No rank's buffer changes before every host
     has finished phase 1 (phase 2 needs every leader, and it works in the leader's segment),
     so a segment that cannot be reserved fails the call everywhere with nothing touched.
@@ -137,7 +137,7 @@ async def _within_host_shm(
     previous = arena.own
     own = arena.own_segment(buf.nbytes)  # SharedMemoryError here: nothing touched yet
     mine = own.half(parity, buf.dtype, buf.size)
-    name = memoryview(own.name.encode())
+    offer = memoryview(own.offer)
     up, down = SubOperation(op, local, 0), SubOperation(op, local, 2)
     serial = dataclasses.replace(
         ctx, mean=False, on_slice=None, compression=None, chunk_elems=max(1, buf.size)
@@ -147,29 +147,32 @@ async def _within_host_shm(
         sources = [buf]
         for i, arrival in enumerate(entered, start=1):
             _header, payload = await arrival
-            sources.append(_map(arena, local[i], payload, parity, buf))
+            sources.append(await _map(arena, local[i], payload, parity, buf, op.deadline))
         # Every member is past the previous call: the segments they had to map are mapped.
-        arena.unlink_pending()
+        arena.withdraw_pending()
         await serial.reduce_chunk(mine, sources, final=False)
         await _across_hosts(ctx, leaders, mine)
         for i in range(1, len(local)):
-            await down.send(i, 0, name)
+            await down.send(i, 0, offer)
         await ctx.compute.run(buf.nbytes, lambda: np.copyto(buf, mine))
         if own is not previous:
-            arena.unlink_later(own)  # the members map it on this call's "out"
+            arena.withdraw_later(own)  # the members map it on this call's "out"
     else:
         result = down.recv(0, 0, None)
         await ctx.compute.run(buf.nbytes, lambda: np.copyto(mine, buf))
-        await up.send(0, 0, name)
+        await up.send(0, 0, offer)
         _header, payload = await result
-        total = _map(arena, local[0], payload, parity, buf)
+        total = await _map(arena, local[0], payload, parity, buf, op.deadline)
         await ctx.compute.run(buf.nbytes, lambda: np.copyto(buf, total))
-        own.unlink()  # the leader mapped it before it summed
+        own.withdraw()  # the leader mapped it before it summed
 
 
-def _map(arena: ShmArena, rank: int, payload: Any, parity: int, like: np.ndarray) -> np.ndarray:
+async def _map(
+    arena: ShmArena, rank: int, payload: Any, parity: int, like: np.ndarray, deadline: float
+) -> np.ndarray:
+    """Half `parity` of `rank`'s segment as its offer `payload` names it (read-only)."""
     try:
-        segment = arena.peer_segment(rank, bytes(payload).decode())
+        segment = await arena.peer_segment(rank, bytes(payload), deadline)
         return segment.half(parity, like.dtype, like.size)
     except (OSError, ValueError) as exc:
         raise P2PDLError(f"cannot map rank {rank}'s shared segment: {exc}") from None

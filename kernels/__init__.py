@@ -1,11 +1,12 @@
 """Numba kernels on flat numpy arrays (installed as ``p2pdl.kernels``).
 
-The lowest layer of p2pdl: it knows flat contiguous float32/float64 (and uint16 wire) buffers
-and nothing of sockets, asyncio or torch.  Every public function validates its arguments
-(``TypeError`` / ``ValueError``), accepts any C-contiguous array (flattened as a view), works in
-place, and releases the GIL while it runs.  Large buffers go to multi-threaded kernels: see
-:func:`set_parallel_threshold` and each function's ``parallel`` keyword.  Kernels compile on
-first use (cached on disk); :func:`precompile` compiles them all up front.
+The lowest layer of p2pdl: it knows flat contiguous numpy buffers (float32/float64 for the
+arithmetic and optimizers, uint16 words for bf16/fp16, every dtype torch.distributed reduces for
+:func:`reduce_into`) and nothing of sockets, asyncio or torch.  Every public function validates
+its arguments (``TypeError`` / ``ValueError``), accepts any C-contiguous array (flattened as a
+view), works in place, and releases the GIL while it runs.  Large buffers go to multi-threaded
+kernels: see :func:`set_parallel_threshold` and each function's ``parallel`` keyword.  Kernels
+compile on first use (cached on disk); :func:`precompile` compiles them all up front.
 """
 
 from ._jit import parallel_threshold, precompile, set_parallel_threshold
@@ -19,8 +20,10 @@ from .compress import (
     encode_bf16,
     encode_fp16,
     encode_round_bf16,
+    scale_bf16,
 )
 from .optim import adam_step, sgd_step
+from .reduce import reduce_into, reduce_into_bf16
 from .slicing import slice_bounds
 
 __all__ = [
@@ -37,7 +40,10 @@ __all__ = [
     "encode_round_bf16",
     "parallel_threshold",
     "precompile",
+    "reduce_into",
+    "reduce_into_bf16",
     "scale_",
+    "scale_bf16",
     "set_parallel_threshold",
     "sgd_step",
     "slice_bounds",

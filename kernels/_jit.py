@@ -22,6 +22,7 @@ from typing import Any
 import numba
 import numpy as np
 from numba import types as nt
+from numba.typed import List
 
 DISABLE_JIT: bool = bool(numba.config.DISABLE_JIT)
 
@@ -107,6 +108,19 @@ def kernel(
     k = Kernel(serial, parallel, sigs)
     _ALL.append(k)
     return k
+
+
+def typed_list(list_type: nt.ListType, items: list) -> Any:
+    """``items`` as a Numba typed list of ``list_type`` (a plain list when the JIT is off).
+
+    Building one costs a few microseconds per item: callers keep it for the k-way paths.
+    """
+    if DISABLE_JIT:
+        return items
+    typed = List.empty_list(list_type.item_type)
+    for x in items:
+        typed.append(x)
+    return typed
 
 
 def run(k: Kernel, key: str, n: int, parallel: bool | None, *args: Any) -> None:

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
-_NAMES = {"f": "float32", "d": "float64", "H": "uint16"}
+#: dtype character -> name, for every dtype some wrapper accepts ("q" is an alias of int64).
+_NAMES = {c: np.dtype(c).name for c in "fdeHbBhilq?"}
+#: dtype character -> every accepted character of the same dtype (e.g. int64: "l" and "q").
+_SAME = {c: "".join(d for d in _NAMES if np.dtype(d) == np.dtype(c)) for c in _NAMES}
 
 
 def _describe(chars: str) -> str:
-    return " or ".join(_NAMES[c] for c in chars)
+    names = list(dict.fromkeys(_NAMES[c] for c in chars))
+    return " or ".join(names) if len(names) <= 2 else "one of " + ", ".join(names)
 
 
 def flat(a: object, name: str, chars: str, writeable: bool = False) -> np.ndarray:
@@ -38,7 +42,7 @@ def like(
     a: object, name: str, ref: np.ndarray, ref_name: str, writeable: bool = False
 ) -> np.ndarray:
     """Check ``a`` like :func:`flat` and require the dtype and size of ``ref``."""
-    a = flat(a, name, ref.dtype.char, writeable)
+    a = flat(a, name, _SAME[ref.dtype.char], writeable)
     if a.size != ref.size:
         raise ValueError(f"{name} has {a.size} elements but {ref_name} has {ref.size}")
     return a

@@ -3,7 +3,8 @@
 ``sum_into`` is phase 1 of the two-phase AllReduce (summing the gradients of local replicas): it
 reads every source once and writes the destination once, instead of the k-1 passes that chained
 ``np.add`` calls make.  Sums are formed left to right, ``((s0 + s1) + s2) + ...``, so results are
-bit-identical to sequential ``np.add``.
+bit-identical to sequential ``np.add``.  ``scale_`` also takes float16 buffers (computed in
+float32, rounded once): the second half of a mean over float16 gradients.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit, prange
 from numba import types as nt
-from numba.typed import List
 
-from . import _jit
 from . import _validate as v
-from ._jit import BLOCK, FLOAT_TYPES, INNER_OPTS, array, kernel, run
+from ._jit import BLOCK, FLOAT_TYPES, INNER_OPTS, array, kernel, run, typed_list
+from .compress import FP16, scale16
 
 #: Elements per cache block when summing more than four sources (16 KiB of float32).
 CACHE_BLOCK = 4096
@@ -280,6 +280,12 @@ def sum_into(dst: np.ndarray, srcs: Sequence[np.ndarray], *, parallel: bool | No
             v.no_partial_overlap(dst, "dst", s, name)
             alias = j
         flat.append(s)
+    sum_flat(dst, flat, alias, parallel)
+
+
+def sum_flat(dst: np.ndarray, flat: list, alias: int, parallel: bool | None) -> None:
+    """:func:`sum_into` on checked 1-D arrays; ``alias`` is the index of ``dst`` among them."""
+    k = len(flat)
     key = dst.dtype.char
     n = dst.size
     if alias > 0 or k > 4:
@@ -302,20 +308,21 @@ def sum_into(dst: np.ndarray, srcs: Sequence[np.ndarray], *, parallel: bool | No
 
 
 def _sum_general(key: str, n: int, parallel: bool | None, dst: np.ndarray, flat: list) -> None:
-    if _jit.DISABLE_JIT:
-        typed = flat
-    else:
-        typed = List.empty_list(_RO_LIST[key].item_type)
-        for s in flat:
-            typed.append(s)
-    run(_SUMK, key, n, parallel, dst, typed)
+    run(_SUMK, key, n, parallel, dst, typed_list(_RO_LIST[key], flat))
 
 
 def scale_(buf: np.ndarray, alpha: float, *, parallel: bool | None = None) -> None:
-    """``buf *= alpha`` in place (alpha rounded to the buffer's dtype, as NumPy does)."""
-    buf = v.flat(buf, "buf", "fd", True)
+    """``buf *= alpha`` in place (alpha rounded to the buffer's dtype, as NumPy does).
+
+    float16 buffers are computed in float32 (alpha rounded to float32) and rounded once back to
+    float16, as a mean of float16 gradients needs; :func:`scale_bf16` does the same for bf16.
+    """
+    buf = v.flat(buf, "buf", "fde", True)
     alpha = v.real(alpha, "alpha")
-    run(_SCALE, buf.dtype.char, buf.size, parallel, buf, alpha)
+    if buf.dtype.char == "e":
+        scale16(buf.view(np.uint16), alpha, FP16, parallel)
+    else:
+        run(_SCALE, buf.dtype.char, buf.size, parallel, buf, alpha)
 
 
 def axpy_(dst: np.ndarray, alpha: float, src: np.ndarray, *, parallel: bool | None = None) -> None:

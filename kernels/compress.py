@@ -7,7 +7,8 @@ top payload bits (so a quiet NaN stays quiet; a payload that would vanish become
 
 ``decode_add_*`` decodes and accumulates in one pass, which is how a reduce-scatter owner sums
 compressed slices as they arrive.  Decoding is exact; a float64 destination receives the exact
-float32 value.
+float32 value.  The block codecs ``dec16_vec`` / ``enc16_vec`` (format chosen by ``FP16`` /
+``BF16``) serve :mod:`.reduce` and ``scale_bf16``, so those round exactly as the encoders do.
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ def _fp16_value(h):
     return tiny if e == 0 else f
 
 
+#: Codes of the 16-bit formats, for the kernels that serve both (a runtime argument).
+FP16 = 0
+BF16 = 1
+
 # --- loops ------------------------------------------------------------------------------------
 
 
@@ -134,6 +139,37 @@ def _dec_fp16_vec(src, out):
 def _decadd_fp16_vec(dst, src):
     for i in range(dst.size):
         dst[i] += _fp16_value(src[i])
+
+
+@njit(**INNER_OPTS)
+def dec16_vec(src, out, fmt):
+    """16-bit words of format ``fmt`` -> float32 values (exact)."""
+    if fmt == FP16:
+        _dec_fp16_vec(src, out)
+    else:
+        _dec_bf16_vec(src, out)
+
+
+@njit(**INNER_OPTS)
+def enc16_vec(src, out, fmt):
+    """float32 values -> 16-bit words of format ``fmt``, rounded as :func:`encode_fp16` /
+    :func:`encode_bf16` do."""
+    bits = src.view(np.uint32)
+    if fmt == FP16:
+        _enc_fp16_vec(bits, out)
+    else:
+        _enc_bf16_vec(bits, out)
+
+
+@njit(**INNER_OPTS)
+def _scale16_vec(buf, alpha, fmt):
+    a = np.float32(alpha)
+    if fmt == FP16:
+        for i in range(buf.size):
+            buf[i] = _fp16_bits(np.float32(_fp16_value(buf[i]) * a).view(np.uint32))
+    else:
+        for i in range(buf.size):
+            buf[i] = _bf16_bits(np.float32(_bf16_value(buf[i]) * a).view(np.uint32))
 
 
 # --- kernels ----------------------------------------------------------------------------------
@@ -236,6 +272,17 @@ def _decadd_encround_bf16_p(a, b, c, alpha):
         _decadd_encround_bf16_vec(a[lo:hi], b[lo:hi], c[lo:hi], alpha)
 
 
+def _scale16_s(buf, alpha, fmt):
+    _scale16_vec(buf, alpha, fmt)
+
+
+def _scale16_p(buf, alpha, fmt):
+    n = buf.size
+    for k in prange((n + BLOCK - 1) // BLOCK):
+        lo = k * BLOCK
+        _scale16_vec(buf[lo : min(lo + BLOCK, n)], alpha, fmt)
+
+
 _ENC_SIG = {"f": nt.void(array(_U4, True), array(_U2))}  # float32 bits in, 16-bit words out
 _ENCROUND_SIG = {"f": nt.void(array(_U4), array(_U2))}  # float32 bits in and out, words out
 _DEC_SIG = {ch: nt.void(array(_U2, True), array(t)) for ch, t in FLOAT_TYPES.items()}
@@ -253,6 +300,8 @@ _DECADD_ENCROUND_BF16 = kernel(
 _ENC_FP16 = kernel(_enc_fp16_s, _enc_fp16_p, _ENC_SIG)
 _DEC_FP16 = kernel(_dec_fp16_s, _dec_fp16_p, _DEC_SIG)
 _DECADD_FP16 = kernel(_decadd_fp16_s, _decadd_fp16_p, _DECADD_SIG)
+
+_SCALE16 = kernel(_scale16_s, _scale16_p, {"H": nt.void(array(_U2), nt.float32, nt.int64)})
 
 # --- public wrappers --------------------------------------------------------------------------
 
@@ -362,3 +411,18 @@ def decode_fp16(src16: np.ndarray, out: np.ndarray, *, parallel: bool | None = N
 def decode_add_fp16(dst: np.ndarray, src16: np.ndarray, *, parallel: bool | None = None) -> None:
     """``dst += decode(src16)`` in one pass (``dst`` float32 or float64)."""
     _decode_add(_DECADD_FP16, dst, src16, parallel)
+
+
+def scale16(buf16: np.ndarray, alpha: float, fmt: int, parallel: bool | None) -> None:
+    """``buf16 *= alpha`` on checked words of format ``fmt``: in float32, rounded once."""
+    run(_SCALE16, "H", buf16.size, parallel, buf16, alpha, fmt)
+
+
+def scale_bf16(buf16: np.ndarray, alpha: float, *, parallel: bool | None = None) -> None:
+    """``buf16 *= alpha`` on bfloat16 words in place: decoded exactly, multiplied in float32 by
+    ``alpha`` rounded to float32, and rounded once back as :func:`encode_bf16` does.
+
+    A mean over bf16 buffers is :func:`reduce_into_bf16` with ``"sum"``, then this.
+    """
+    buf16 = v.flat(buf16, "buf16", "H", True)
+    scale16(buf16, v.real(alpha, "alpha"), BF16, parallel)

@@ -22,7 +22,44 @@ def sum_into(srcs: list[np.ndarray]) -> np.ndarray:
 
 
 def scale(buf: np.ndarray, alpha: float) -> np.ndarray:
+    """``buf * alpha`` in the buffer's dtype; float16 computes in float32 and rounds once."""
+    if buf.dtype == np.float16:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return (buf.astype(np.float32) * np.float32(alpha)).astype(np.float16)
     return buf * buf.dtype.type(alpha)
+
+
+REDUCE_UFUNCS = {"sum": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum}
+BOOL_UFUNCS = {"sum": np.logical_or, "prod": np.logical_and, "min": np.logical_and,
+               "max": np.logical_or}  # fmt: skip
+
+
+def reduce_into(srcs: list[np.ndarray], op: str) -> np.ndarray:
+    """Chained in-place ufunc calls, left to right: ``((s0 op s1) op s2) ...``.
+
+    Integers wrap around (NumPy's array arithmetic); bool uses logical or/and; float16 is
+    reduced in float32 and rounded once at the end.
+    """
+    if srcs[0].dtype == np.float16:
+        wide = [s.astype(np.float32) for s in srcs]
+        with np.errstate(over="ignore", invalid="ignore"):
+            return reduce_into(wide, op).astype(np.float16)
+    ufunc = (BOOL_UFUNCS if srcs[0].dtype == np.bool_ else REDUCE_UFUNCS)[op]
+    out = srcs[0].copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        for s in srcs[1:]:
+            ufunc(out, s, out=out)
+    return out
+
+
+def reduce_into_bf16(srcs16: list[np.ndarray], op: str) -> np.ndarray:
+    """bf16 words: decoded, reduced in float32 left to right, rounded once by encode_bf16."""
+    return encode_bf16(reduce_into([decode_bf16(h) for h in srcs16], op))
+
+
+def scale_bf16(buf16: np.ndarray, alpha: float) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return encode_bf16(decode_bf16(buf16) * np.float32(alpha))
 
 
 def axpy(dst: np.ndarray, alpha: float, src: np.ndarray) -> np.ndarray:

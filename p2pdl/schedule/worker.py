@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from p2pdl import timeline
 from p2pdl.collectives.compute import Compute
 from p2pdl.collectives.sharded import gather_state, sharded_step
 from p2pdl.config import Timeouts
@@ -328,7 +329,8 @@ class Worker:
             while True:
                 waited_from = loop.time()
                 self._progress = (self.epoch, self.model.next_step, "wait", waited_from)
-                group, checkpoint = await self._groups.get()
+                with timeline.span("wait for group", "wait", self.rank):
+                    group, checkpoint = await self._groups.get()
                 wait = loop.time() - waited_from
                 await self._run_group(group, checkpoint, wait)
         except asyncio.CancelledError:
@@ -349,18 +351,22 @@ class Worker:
         t_compute = t_reduce = 0.0
         batches = None
         if self._prepare is None:
-            batches = await self._prefetch.get((group.group_id, "all"))
+            with timeline.span("wait for batches", "wait", self.rank, group=group.group_id):
+                batches = await self._prefetch.get((group.group_id, "all"))
         for k, plan in enumerate(group.steps):
             if batches is not None:
                 samples, prepared = batches[k]
             else:
-                ((samples, prepared),) = await self._prefetch.get((group.group_id, k))
+                with timeline.span("wait for batch", "wait", self.rank, step=plan.step):
+                    ((samples, prepared),) = await self._prefetch.get((group.group_id, k))
             t0 = loop.time()
             self._progress = (self.epoch, plan.step, "compute", t0)
-            await self._compute(plan, samples, prepared)
+            with timeline.span("forward/backward", "compute", self.rank, step=plan.step):
+                await self._compute(plan, samples, prepared)
             t1 = loop.time()
             self._progress = (self.epoch, plan.step, "allreduce", t1)
-            await self._reduce(plan)
+            with timeline.span("sharded step", "collective", self.rank, step=plan.step):
+                await self._reduce(plan)
             t2 = loop.time()
             t_compute += t1 - t0
             t_reduce += t2 - t1
@@ -371,7 +377,8 @@ class Worker:
             self.steps_run += 1
         tb = loop.time()
         self._progress = (self.epoch, model.next_step, "boundary", tb)
-        await self._keep_boundary(group.group_id, checkpoint)
+        with timeline.span("group boundary", "schedule", self.rank, group=group.group_id):
+            await self._keep_boundary(group.group_id, checkpoint)
         t_boundary = loop.time() - tb
         await self.channel.send(
             {

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from p2pdl import timeline
 from p2pdl.torch.flat import FlatParameters
 from p2pdl.torch.optim import ShardedOptimizer, optimizer_config
 
@@ -215,8 +216,11 @@ class TorchTask:
         assert self.sharded is not None, "setup(node) first"
         for f in self.flats:
             f.attach_grads()
-        loss_sum, count = self._forward_backward(samples)
-        self.sharded.attached.call(self.sharded.step_async(lr, self._local_grads()))
+        rank = self.sharded.attached.rank
+        with timeline.span("forward/backward", "compute", rank):
+            loss_sum, count = self._forward_backward(samples)
+        with timeline.span("sharded step", "collective", rank):
+            self.sharded.attached.call(self.sharded.step_async(lr, self._local_grads()))
         return {"loss": loss_sum / max(1, count), "samples": float(count)}
 
     async def local_step_async(
@@ -227,8 +231,11 @@ class TorchTask:
         for f in self.flats:
             f.attach_grads()
         loop = asyncio.get_running_loop()
-        loss_sum, count = await loop.run_in_executor(None, self._forward_backward, samples)
-        await self.sharded.step_async(lr, self._local_grads())
+        rank = self.sharded.attached.rank
+        with timeline.span("forward/backward", "compute", rank):
+            loss_sum, count = await loop.run_in_executor(None, self._forward_backward, samples)
+        with timeline.span("sharded step", "collective", rank):
+            await self.sharded.step_async(lr, self._local_grads())
         return {"loss": loss_sum / max(1, count), "samples": float(count)}
 
     def evaluate(self) -> dict[str, float]:

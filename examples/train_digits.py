@@ -26,6 +26,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import p2pdl
+from p2pdl import timeline
 from p2pdl.torch import TorchTask, train, weights_digest
 
 SEED = 0
@@ -165,6 +166,9 @@ def run_cluster(args: argparse.Namespace, argv: list[str]) -> int:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+    trace = os.environ.get(timeline.ENV)
+    if trace and timeline.merge(trace):  # P2PDL_TIMELINE: every rank's spans in one trace
+        print(f"timeline: {trace}", file=sys.stderr)
     failed = [c.returncode for c in children if c.returncode != 0]
     if failed:
         print(f"{len(failed)} node(s) failed: exit codes {failed}", file=sys.stderr)

@@ -185,6 +185,41 @@ def _secret_parser(sub: Any) -> None:
     secret.set_defaults(handler=lambda args: print(secrets.token_hex(SECRET_BYTES)) or 0)
 
 
+def _timeline_parser(sub: Any) -> None:
+    tl = sub.add_parser(
+        "timeline",
+        help="merge a run's P2PDL_TIMELINE parts into one trace, or draw a trace",
+        description="`merge TRACE`: write TRACE (Chrome/Perfetto JSON) from the TRACE.part-* "
+        "files the ranks wrote (copy them together first when ranks ran on several hosts). "
+        "`render TRACE --out PNG`: draw it (one band per rank, one row per kind of work).",
+    )
+    tl.add_argument("action", choices=["merge", "render"])
+    tl.add_argument("trace", help="the trace's path (the value of P2PDL_TIMELINE)")
+    tl.add_argument("--out", help="render: the PNG to write (default: TRACE with .png)")
+    tl.add_argument("--seconds", type=float, help="render: only the first SECONDS")
+    tl.set_defaults(handler=_cmd_timeline)
+
+
+def _cmd_timeline(args: argparse.Namespace) -> int:
+    from p2pdl import timeline
+
+    if args.action == "merge":
+        count = timeline.merge(args.trace)
+        if count == 0:
+            raise ConfigError(f"no timeline parts next to {args.trace}")
+        print(f"{args.trace}: {count} spans")
+        return 0
+    if not os.path.exists(args.trace):
+        raise ConfigError(f"no trace at {args.trace} (merge it first)")
+    out = args.out or os.path.splitext(args.trace)[0] + ".png"
+    try:
+        timeline.render(args.trace, out, width_s=args.seconds)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"{args.trace} is not a p2pdl trace: {exc}") from None
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="p2pdl", description="Peer-to-peer data-parallel deep learning.")
     parser.add_argument(
@@ -197,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _launch_parser(sub)
     _bench_parser(sub)
     _secret_parser(sub)
+    _timeline_parser(sub)
     return parser
 
 

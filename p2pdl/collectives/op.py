@@ -111,6 +111,7 @@ class Operation:
             else list(peers)
         )
         self._waiting: dict[asyncio.Future[Any], int] = {}
+        self._progress: dict[asyncio.Future[Any], Callable[[], bool]] = {}
         self._error: P2PDLError | None = None
         self._task: asyncio.Task[Any] | None = None
         self._cancelled = False
@@ -143,6 +144,17 @@ class Operation:
         future.add_done_callback(self._settled)
         return future
 
+    def expect(self, peer: int, done: Callable[[], bool]) -> asyncio.Future[None]:
+        """A future for something `peer` must do for this operation outside its link (shared
+        memory progress); the caller sets it once `done()` holds. Until then a timeout names
+        `peer`, and a lost link to it fails the operation unless `done()` holds by then (it
+        finished its part and left)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[future] = peer
+        self._progress[future] = done
+        future.add_done_callback(self._settled)
+        return future
+
     def _settled(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled():
             # Fix: a cancelled receive never arrived, so it stays "waiting". The deadline
@@ -150,6 +162,7 @@ class Operation:
             # every timeout report "waiting for no rank" instead of naming who was missing.
             return
         self._waiting.pop(future, None)
+        self._progress.pop(future, None)
         error = future.exception()
         if isinstance(error, P2PDLError):
             self.fail(error)
@@ -237,6 +250,9 @@ class Operation:
     def _on_peer_lost(self, rank: int, error: P2PDLError) -> None:
         # A peer that already delivered everything this operation needs from it may leave
         # (it finished first and closed); sends to it still fail on their own.
+        for future, done in list(self._progress.items()):
+            if self._waiting.get(future) == rank and not future.done() and done():
+                future.set_result(None)
         if not any(p == rank and not f.done() for f, p in self._waiting.items()):
             return
         if isinstance(error, ProtocolError):

@@ -34,12 +34,15 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
     ) from _exc
 
 from p2pdl.collectives.sharded import OptimizerConfig
+from p2pdl.torch.backend import register as _register_backend
 from p2pdl.torch.checkpoint import load_checkpoint, save_checkpoint
 from p2pdl.torch.ddp import DistributedDataParallel
 from p2pdl.torch.flat import FlatParameters, weights_digest
 from p2pdl.torch.loop import Progress, sample_plan, train
 from p2pdl.torch.optim import ShardedOptimizer, optimizer_config, torch_optimizer
 from p2pdl.torch.task import TorchTask, default_partitions
+
+_register_backend()  # torch.distributed.init_process_group("p2pdl")
 
 __all__ = [
     "DistributedDataParallel",

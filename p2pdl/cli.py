@@ -73,7 +73,11 @@ def _node_parser(sub: Any) -> None:
     who.add_argument("--lead", action="store_true", help="be the leader (rank 0)")
     node.add_argument("--rank", type=int, help="this node's rank (static mode; a wish otherwise)")
     node.add_argument("--nodes", type=int, help="cluster size (with --lead)")
-    node.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    node.add_argument(
+        "--host",
+        help="address to listen on (default: the leader's for --lead, the interface that "
+        "routes to a remote --leader, else 127.0.0.1)",
+    )
     node.add_argument("--port", type=int, help="port to listen on (default 0: any free port)")
     node.add_argument("--secret-file", help="file holding the shared secret (else P2PDL_SECRET)")
     node.add_argument(

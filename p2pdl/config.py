@@ -91,6 +91,20 @@ class Limits:
 
 
 # ----------------------------------------------------------------------------- addresses
+def route_source(host: str) -> str:
+    """This host's address on the route to `host` (a UDP socket's name once "connected":
+    nothing is sent); 127.0.0.1 when there is no route. How a joiner picks the interface to
+    listen on when told only where its remote leader is."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))
+            return str(probe.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
 def is_loopback(host: str) -> bool:
     """True for addresses that only this machine can reach."""
     if host == "localhost":
@@ -277,6 +291,8 @@ class NodeConfig:
             return self.peers[self.rank][0]
         if self.leader is not None and self.mode == "lead":
             return self.leader[0]
+        if self.leader is not None and not is_loopback(self.leader[0]):
+            return route_source(self.leader[0])  # a joiner of a remote leader: reachable
         return "127.0.0.1"
 
     @property
@@ -328,6 +344,8 @@ class NodeConfig:
             secret = secret.encode()
         if secret:
             values["secret"] = secret
+        if env.get("P2PDL_HOST"):
+            values["host"] = env["P2PDL_HOST"]
         if env.get("P2PDL_CLUSTER_ID"):
             values["cluster_id"] = env["P2PDL_CLUSTER_ID"]
         values.update(overrides)

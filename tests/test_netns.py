@@ -233,6 +233,23 @@ def test_three_hosts_distinct_addresses_on_link_route_only(needs_netns: None) ->
             assert "LOOPBACK,UP" in host.run(["ip", "-o", "link", "show", "lo"]).stdout
 
 
+def test_a_joiner_of_a_remote_leader_listens_where_the_leader_can_reach_it(
+    needs_netns: None,
+) -> None:
+    """Told only the leader's address, a joiner listens on the interface routing to it (not
+    on 127.0.0.1, which its peers on other hosts could not dial)."""
+    script = (
+        "import sys\n"
+        "from p2pdl.config import NodeConfig\n"
+        "config = NodeConfig(leader=(sys.argv[1], 7000), rank=1, insecure=True)\n"
+        "print(config.listen_host)\n"
+    )
+    with NamespaceCluster(2) as cluster:
+        leader, joiner = cluster[0], cluster[1]
+        out = joiner.run([sys.executable, "-c", script, leader.address], timeout=60).stdout
+        assert out.strip() == joiner.address
+
+
 @pytest.mark.netns
 def test_tcp_echo_across_hosts(needs_netns: None) -> None:
     with NamespaceCluster(3) as cluster:

@@ -1,7 +1,9 @@
 """`python -m p2pdl launch -n N script.py …`: N local processes of one script, as a cluster.
 
 Each process gets P2PDL_RANK, P2PDL_WORLD_SIZE, P2PDL_LEADER (rank 0 listens there),
-P2PDL_SECRET (random per launch) and the torchrun names RANK, WORLD_SIZE, LOCAL_RANK.
+P2PDL_SECRET (random per launch) and torchrun's names RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT (a port of its own for torch's store), so an
+unmodified `init_process_group("p2pdl")` (or "gloo") script runs under it as under torchrun.
 Output lines are prefixed with the rank. SIGINT/SIGTERM are forwarded. The first process
 to fail stops the others (SIGTERM, then SIGKILL after a grace period) and its exit code
 becomes the launcher's; every child is reaped before returning.
@@ -19,7 +21,10 @@ from collections.abc import Sequence
 from p2pdl.launch.procs import free_port, signal_group
 
 
-def cluster_env(rank: int, world_size: int, leader: str, secret: str) -> dict[str, str]:
+def cluster_env(
+    rank: int, world_size: int, leader: str, secret: str, master: str | None = None
+) -> dict[str, str]:
+    """Rank `rank`'s environment; `master` (host:port) is torch's store, as torchrun sets."""
     env = dict(os.environ)
     env.update(
         P2PDL_RANK=str(rank),
@@ -29,8 +34,12 @@ def cluster_env(rank: int, world_size: int, leader: str, secret: str) -> dict[st
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
         PYTHONUNBUFFERED="1",
     )
+    if master is not None:
+        host, _, port = master.rpartition(":")
+        env.update(MASTER_ADDR=host, MASTER_PORT=port)
     env.setdefault("OMP_WAIT_POLICY", "passive")
     return env
 
@@ -122,10 +131,14 @@ def launch(world_size: int, command: Sequence[str], *, grace: float = 5.0) -> in
     """Run `command` (script.py args… or -m module args…) as `world_size` ranks."""
     import uvloop
 
-    leader = f"127.0.0.1:{free_port()}"
+    leader_port = free_port()
+    master_port = free_port()
+    while master_port == leader_port:
+        master_port = free_port()
+    leader, master = f"127.0.0.1:{leader_port}", f"127.0.0.1:{master_port}"
     secret = secrets.token_hex(32)
     argv = [sys.executable, *command] if command[0] != sys.executable else list(command)
-    envs = [cluster_env(rank, world_size, leader, secret) for rank in range(world_size)]
+    envs = [cluster_env(rank, world_size, leader, secret, master) for rank in range(world_size)]
     return uvloop.run(_launch([argv] * world_size, envs, grace))
 
 

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from p2pdl.config import NodeConfig, Timeouts, parse_address, parse_peers, take_env_secret
 from p2pdl.errors import ConfigError, P2PDLError
 
-BENCHMARKS = ("kernels", "allreduce", "schedule", "train", "scaling", "storm")
+BENCHMARKS = ("kernels", "allreduce", "schedule", "train", "scaling", "storm", "convergence")
 SECRET_BYTES = 32
 
 

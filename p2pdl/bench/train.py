@@ -12,11 +12,18 @@ same process count run through:
                        of job mode, driven by `p2pdl.torch.train` (no leader on the path);
 * ``p2pdl-sharded-sg`` — the same with reduce-scatter + separate all-gather of the weights;
 * ``ddp``            — `torch.nn.parallel.DistributedDataParallel` on gloo + torch.optim.SGD;
+* ``ddp-p2pdl``      — the same unmodified torch DDP on the ``"p2pdl"`` torch.distributed
+                       backend (`init_process_group("p2pdl")`);
 
 and, to see what bounds the throughput, with the same processes and CPU contention:
 
 * ``compute``        — forward/backward/SGD with no communication at all;
-* ``comm-p2pdl`` / ``comm-gloo`` — the gradient allreduce alone (one 5.3M float32 buffer).
+* ``comm-p2pdl`` / ``comm-gloo`` — the gradient allreduce alone (one 5.3M float32 buffer);
+* ``comm-backend``   — the same `dist.all_reduce` through the ``"p2pdl"`` backend, to set
+                       against ``comm-p2pdl`` (p2pdl's own API on the same buffer).
+
+``--comm-mb`` sets the buffer of the comm modes instead (``--comm-mb 1,64``: each size in
+turn); the table then adds the backend's time over p2pdl's own for each size.
 
 Every process gets ``cores // nodes`` torch threads (at least 1). Results: a table on stdout,
 one JSON line per run, and `--json FILE` for all of them.
@@ -33,9 +40,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODES = ("p2pdl-ddp", "p2pdl-sharded", "p2pdl-sharded-sg", "ddp", "compute", "comm-p2pdl",
-         "comm-gloo")  # fmt: skip
-DEFAULT_MODES = ("p2pdl-ddp", "p2pdl-sharded", "ddp", "compute", "comm-p2pdl", "comm-gloo")
+MODES = ("p2pdl-ddp", "p2pdl-sharded", "p2pdl-sharded-sg", "ddp", "ddp-p2pdl", "compute",
+         "comm-p2pdl", "comm-gloo", "comm-backend")  # fmt: skip
+DEFAULT_MODES = ("p2pdl-ddp", "p2pdl-sharded", "ddp", "ddp-p2pdl", "compute", "comm-p2pdl",
+                 "comm-gloo", "comm-backend")  # fmt: skip
+TORCH_BACKENDS = {"ddp": "gloo", "comm-gloo": "gloo", "ddp-p2pdl": "p2pdl",
+                  "comm-backend": "p2pdl"}  # fmt: skip
+"""Modes that run through torch.distributed, and on which backend."""
 INPUT, CLASSES = 64, 10
 HIDDEN = (2048, 2048, 512)
 
@@ -86,12 +97,18 @@ def _worker(args: argparse.Namespace) -> int:
         inputs, target = batch(step)
         return torch.nn.functional.cross_entropy(m(inputs), target)
 
-    gloo = mode in ("ddp", "comm-gloo")
+    gloo = mode in TORCH_BACKENDS  # through torch.distributed (on gloo or on p2pdl)
     if gloo:
         import torch.distributed as dist
 
+        if TORCH_BACKENDS[mode] == "p2pdl":
+            import p2pdl.torch  # registers the backend
+
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{args.gloo_port}", rank=rank, world_size=world
+            TORCH_BACKENDS[mode],
+            init_method=f"tcp://127.0.0.1:{args.gloo_port}",
+            rank=rank,
+            world_size=world,
         )
     node = None
     if mode.startswith(("p2pdl", "comm-p2pdl")):
@@ -107,8 +124,8 @@ def _worker(args: argparse.Namespace) -> int:
     fwd_bwd: list[float] = []
     after: list[float] = []
 
-    if mode in ("ddp", "p2pdl-ddp", "compute"):
-        if mode == "ddp":
+    if mode in ("ddp", "ddp-p2pdl", "p2pdl-ddp", "compute"):
+        if mode in ("ddp", "ddp-p2pdl"):
             wrapped = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=args.bucket_mb)
         elif mode == "p2pdl-ddp":
             from p2pdl.torch import DistributedDataParallel
@@ -153,13 +170,16 @@ def _worker(args: argparse.Namespace) -> int:
             after.append(time.perf_counter() - t1)
 
     else:  # communication alone
-        grads = np.random.default_rng(rank).standard_normal(params).astype(np.float32)
-        if mode == "comm-gloo":
+        size = params if args.comm_mb is None else int(args.comm_mb * 2**20) // 4
+        params = size
+        grads = np.random.default_rng(rank).standard_normal(size).astype(np.float32)
+        if mode in ("comm-gloo", "comm-backend"):
             tensor = torch.from_numpy(grads)
+            op = dist.ReduceOp.SUM if mode == "comm-gloo" else dist.ReduceOp.AVG
 
             def step(i: int) -> None:
                 t0 = time.perf_counter()
-                dist.all_reduce(tensor)
+                dist.all_reduce(tensor, op=op)
                 after.append(time.perf_counter() - t0)
                 fwd_bwd.append(0.0)
 
@@ -196,6 +216,7 @@ def _worker(args: argparse.Namespace) -> int:
             "mode": mode,
             "nodes": world,
             "params": params,
+            "comm_mb": args.comm_mb,
             "global_batch": args.batch,
             "steps": args.steps,
             "torch_threads": torch.get_num_threads(),
@@ -223,6 +244,8 @@ def _run(mode: str, nodes: int, args: argparse.Namespace) -> dict[str, Any] | No
             "--warmup", str(args.warmup), "--bucket-mb", str(args.bucket_mb),
             "--gloo-port", str(free_port()), "--p2pdl-port", str(free_port()),
         ]  # fmt: skip
+        if args.comm_mb is not None:
+            argv += ["--comm-mb", str(args.comm_mb)]
         code = run_workers(
             argv,
             nodes,
@@ -240,13 +263,14 @@ def _best(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (nodes, mode): the fastest run, with the median samples/s of all its runs."""
     import statistics
 
-    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[int, str, Any], list[dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault((run["nodes"], run["mode"]), []).append(run)
+        groups.setdefault((run["nodes"], run["mode"], run.get("comm_mb")), []).append(run)
     best = []
     for group in groups.values():
         top = dict(min(group, key=lambda r: r["step_ms"]))
         top["median_samples_per_s"] = statistics.median(r["samples_per_s"] for r in group)
+        top["median_step_ms"] = statistics.median(r["step_ms"] for r in group)
         top["runs"] = len(group)
         best.append(top)
     return best
@@ -266,11 +290,22 @@ def _table(results: list[dict[str, Any]]) -> str:
         comm = r["mode"].startswith("comm")
         rate = f"{r['samples_per_s']:,.0f}" if not comm else "—"
         median = f"{r['median_samples_per_s']:,.0f}" if not comm else "—"
+        size = r.get("comm_mb")
+        label = f"{r['mode']} ({size:g} MiB)" if comm and size else r["mode"]
         lines.append(
-            f"| {r['nodes']} | {r['mode']} | {rate} | {median} | {r['step_ms']:.1f} | "
+            f"| {r['nodes']} | {label} | {rate} | {median} | {r['step_ms']:.1f} | "
             f"{r['fwd_bwd_ms']:.1f} | {r['after_backward_ms']:.1f} | {ratio} |"
         )
-    return "\n".join(lines)
+    ours = {(r["nodes"], r.get("comm_mb")): r for r in results if r["mode"] == "comm-p2pdl"}
+    ratios = [
+        f"n={r['nodes']}, {r['params'] * 4 / 2**20:.0f} MiB: dist.all_reduce on the p2pdl "
+        f"backend takes {r['median_step_ms'] / base['median_step_ms']:.2f}x p2pdl's own "
+        f"allreduce (medians {r['median_step_ms']:.2f} vs {base['median_step_ms']:.2f} ms)"
+        for r in results
+        if r["mode"] == "comm-backend"
+        and (base := ours.get((r["nodes"], r.get("comm_mb")))) is not None
+    ]
+    return "\n".join(lines + (["", *ratios] if ratios else []))
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -288,6 +323,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--repeat", type=int, default=3, help="rounds over all modes (best of them is shown)"
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="per run, seconds")
+    parser.add_argument(
+        "--comm-mb", help="buffer MiB of the comm modes, comma separated (default: the model)"
+    )
     parser.add_argument("--json", help="write every result to this file")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -299,6 +337,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse(argv)
     if args.worker:
+        args.comm_mb = None if args.comm_mb is None else float(args.comm_mb)
         return _worker(args)
     try:
         import torch  # noqa: F401
@@ -311,14 +350,19 @@ def main(argv: list[str]) -> int:
         print(f"unknown mode(s) {unknown}; choose from {MODES}", file=sys.stderr)
         return 2
     if args.compare == "none":
-        modes = [m for m in modes if m not in ("ddp", "comm-gloo")]
+        modes = [m for m in modes if m not in ("ddp", "comm-gloo", "ddp-p2pdl", "comm-backend")]
     counts = [int(n) for n in str(args.nodes).split(",") if n.strip()]
     runs: list[dict[str, Any]] = []
     status = 0
+    sizes = [float(v) for v in args.comm_mb.split(",")] if args.comm_mb else [None]
+    plan = [(mode, None) for mode in modes if not mode.startswith("comm")] + [
+        (mode, size) for size in sizes for mode in modes if mode.startswith("comm")
+    ]
     for nodes in counts:
         # Modes take turns, round after round: a shared machine's noise hits all of them.
         for _round in range(max(1, args.repeat)):
-            for mode in modes:
+            for mode, size in plan:
+                args.comm_mb = size
                 result = _run(mode, nodes, args)
                 if result is None:
                     status = 1

@@ -17,15 +17,13 @@ deadline. `destroy_process_group` closes the nodes.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
-import socket
 from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
-from p2pdl.config import NodeConfig, Timeouts, is_loopback, take_env_secret
+from p2pdl.config import NodeConfig, Timeouts, is_loopback, route_source, take_env_secret
 from p2pdl.errors import CollectiveTimeoutError, ConfigError
 from p2pdl.node import Node
 from p2pdl.session import membership_of
@@ -55,16 +53,7 @@ def listen_host(store: Any = None, env: Any = None) -> str:
         target = base.host
     if not target or is_loopback(target):
         return "127.0.0.1"
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(target).version == 6 else socket.AF_INET
-    except ValueError:
-        family = socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.connect((target, 9))  # no packet is sent: this only picks the route
-            return str(probe.getsockname()[0])
-    except OSError:
-        return "127.0.0.1"
+    return route_source(target)
 
 
 def _secret() -> tuple[bytes | None, bool]:

@@ -23,6 +23,7 @@ from .compress import (
     scale_bf16,
 )
 from .optim import adam_step, sgd_step
+from .quant import dequantize_int8, quantize_int8
 from .reduce import reduce_into, reduce_into_bf16
 from .slicing import slice_bounds
 
@@ -35,11 +36,13 @@ __all__ = [
     "decode_add_fp16",
     "decode_bf16",
     "decode_fp16",
+    "dequantize_int8",
     "encode_bf16",
     "encode_fp16",
     "encode_round_bf16",
     "parallel_threshold",
     "precompile",
+    "quantize_int8",
     "reduce_into",
     "reduce_into_bf16",
     "scale_",

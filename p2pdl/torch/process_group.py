@@ -52,7 +52,11 @@ def reduce_op(op: Any) -> tuple[str, float | None]:
     for torch_op, name in _OPS.items():
         if op == torch_op:
             return name, None
-    raise ValueError(f"the p2pdl backend does not support ReduceOp {op}")
+    name = getattr(getattr(op, "op", op), "name", str(op))
+    raise ValueError(
+        f"the p2pdl backend does not support ReduceOp.{name} (it reduces with SUM, AVG, MIN, "
+        "MAX, PRODUCT and PREMUL_SUM)"
+    )
 
 
 def _check_tensor(tensor: Any, what: str) -> torch.Tensor:

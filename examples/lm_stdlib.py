@@ -7,6 +7,7 @@ large enough that exchanging its gradient (21 MiB in float32) dominates a step o
 links — the regime where moving fewer bytes is what makes training sooner.
 
     python -m p2pdl launch -n 2 examples/lm_stdlib.py --steps 50        # p2pdl (sharded step)
+    python -m p2pdl launch -n 2 examples/lm_stdlib.py --compression int8-ef  # 8-bit wire
     python -m p2pdl node --lead --nodes 2 --job examples.lm_stdlib:task  # group-scheduled job
     torchrun --nproc-per-node 2 examples/lm_stdlib.py --ddp --backend gloo   # plain torch DDP
     torchrun --nproc-per-node 2 examples/lm_stdlib.py --ddp --backend p2pdl  # the same on p2pdl
@@ -144,7 +145,12 @@ GLOBAL_BATCH = 16
 LR = 1e-3
 
 
-def make_task(partitions: int = 1, global_batch: int = GLOBAL_BATCH, lr: float = LR):
+def make_task(
+    partitions: int = 1,
+    global_batch: int = GLOBAL_BATCH,
+    lr: float = LR,
+    compression: str | None = None,
+):
     """The model as a p2pdl task (`--job examples.lm_stdlib:task`)."""
     from p2pdl.torch import TorchTask
 
@@ -158,6 +164,7 @@ def make_task(partitions: int = 1, global_batch: int = GLOBAL_BATCH, lr: float =
         eval_fn=validation_loss,
         global_batch=global_batch,
         epochs=1,
+        compression=compression,
     )
 
 
@@ -173,6 +180,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--ddp", action="store_true", help="plain torch DDP (torchrun env)")
     parser.add_argument("--backend", default="gloo", help="with --ddp: gloo or p2pdl")
+    parser.add_argument(
+        "--compression", help="p2pdl's sharded step: int8-ef (8-bit, error feedback)"
+    )
     parser.add_argument(
         "--json", dest="json_path", help="also write the result here ({rank}: per rank)"
     )
@@ -246,7 +256,7 @@ def run_p2pdl(args: argparse.Namespace) -> dict[str, object]:
     import p2pdl
     from p2pdl.torch import train
 
-    job = make_task(global_batch=args.batch, lr=args.lr)
+    job = make_task(global_batch=args.batch, lr=args.lr, compression=args.compression)
     with p2pdl.connect() as node:
         meter = Meter(args.steps, args.eval_every)
         train(
@@ -266,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     result = run_ddp(args) if args.ddp else run_p2pdl(args)
     result.update(
-        system=f"ddp-{args.backend}" if args.ddp else "p2pdl",
+        system=f"ddp-{args.backend}"
+        if args.ddp
+        else "p2pdl" + (f":{args.compression}" if args.compression else ""),
         steps=args.steps,
         global_batch=args.batch,
         corpus=CORPUS_DIGEST,

@@ -23,6 +23,8 @@ from typing import Any, Literal
 import numpy as np
 
 from p2pdl import kernels
+from p2pdl.collectives.quantized import NAME as INT8_EF
+from p2pdl.collectives.quantized import Int8Feedback, sharded_step_int8
 from p2pdl.errors import ConfigError
 
 __all__ = [
@@ -197,6 +199,8 @@ class ShardedUpdate:
         self.size = weights.size
         self.range: tuple[int, int] | None = None
         self.state: dict[str, np.ndarray] = {}
+        self.feedback: Int8Feedback | None = None
+        """int8-ef's residual and master weights (made by the first compressed step)."""
 
     def own(
         self,
@@ -223,9 +227,17 @@ class ShardedUpdate:
         self.state = state
 
     def update(
-        self, start: int, stop: int, grad: np.ndarray, *, lr: float, steps_done: int
+        self,
+        start: int,
+        stop: int,
+        grad: np.ndarray,
+        *,
+        lr: float,
+        steps_done: int,
+        weights: np.ndarray | None = None,
     ) -> None:
-        """One optimizer step on weights[start:stop] (the owned range or a piece of it)."""
+        """One optimizer step on weights[start:stop] (the owned range or a piece of it), or on
+        `weights`, another copy of that range (int8-ef's exact master weights)."""
         if self.range is None:
             self.own(start, stop)
         assert self.range is not None
@@ -236,9 +248,8 @@ class ShardedUpdate:
                 "allreduce that owns ranges changed (a different size or algorithm)"
             )
         piece = {name: buf[start - lo : stop - lo] for name, buf in self.state.items()}
-        optimizer_step(
-            self.config, self.weights[start:stop], grad, lr=lr, steps_done=steps_done, state=piece
-        )
+        target = self.weights[start:stop] if weights is None else weights
+        optimizer_step(self.config, target, grad, lr=lr, steps_done=steps_done, state=piece)
 
 
 async def sharded_step(
@@ -252,6 +263,7 @@ async def sharded_step(
     op: str = "mean",
     scale: float | None = None,
     algorithm: str = "auto",
+    compression: str | None = None,
     timeout: float | None = None,
 ) -> None:
     """Allreduce `grads` (this node's local replicas: phase 1 sums them) with the optimizer
@@ -260,11 +272,22 @@ async def sharded_step(
 
     `weights` may be longer than `update.size`: the values past it are carried (the reduced
     value replaces the old one, e.g. accounting sums). `scale` multiplies the reduced
-    gradient before the update (a global-batch mean).
+    gradient before the update (a global-batch mean). `compression="int8-ef"` moves 8-bit
+    codes with error feedback both ways (`p2pdl.collectives.quantized`).
     """
     size = update.size
     if weights.size != grads[0].size:
         raise ValueError(f"weights hold {weights.size} elements, the gradient {grads[0].size}")
+    if compression is not None:
+        if compression != INT8_EF:
+            raise ValueError(f"the sharded step compresses with {INT8_EF!r}, not {compression!r}")
+        if update.feedback is None:
+            update.feedback = Int8Feedback(size)
+        await sharded_step_int8(
+            collectives, list(grads), weights, update, update.feedback, lr=lr,
+            steps_done=steps_done, op=op, scale=scale, timeout=timeout,
+        )  # fmt: skip
+        return
 
     def on_chunk(start: int, stop: int, reduced: np.ndarray) -> None:
         hi = min(stop, size)

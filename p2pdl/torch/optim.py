@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from p2pdl import kernels
+from p2pdl.collectives.quantized import NAME as INT8_EF
 from p2pdl.collectives.sharded import (
     OptimizerConfig,
     ShardedUpdate,
@@ -99,6 +100,11 @@ class ShardedOptimizer:
     * ``strategy="scatter_gather"``: reduce-scatter the gradients (the update runs on each
       owner's slice), then all-gather the weight buffer in place.
 
+    ``compression="int8-ef"`` (with the allreduce strategy) sends 8-bit codes both ways with
+    error feedback: the gradients' residual stays with each sender, the owner updates exact
+    master weights and shares quantised deltas, so every rank's weights stay bit-identical
+    (`p2pdl.collectives.quantized`). For links slower than the step's compute.
+
     `op="mean"` averages gradients across ranks (what DDP does; the loss is a per-rank mean),
     `op="sum"` sums them. `local_grads` are the gradient buffers of other local replicas
     (phase 1 sums them into this one with the kernels). The update follows torch.optim's
@@ -115,6 +121,7 @@ class ShardedOptimizer:
         op: str = "mean",
         strategy: str = "allreduce",
         algorithm: str = "auto",
+        compression: str | None = None,
         broadcast: bool = True,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
@@ -122,12 +129,17 @@ class ShardedOptimizer:
             raise ValueError(f"op must be 'sum' or 'mean', got {op!r}")
         if strategy not in _STRATEGIES:
             raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
+        if compression not in (None, INT8_EF):
+            raise ValueError(f"compression must be None or {INT8_EF!r}, got {compression!r}")
+        if compression is not None and strategy != "allreduce":
+            raise ValueError("compression needs strategy='allreduce'")
         self.config = optimizer_config(optimizer)
         self.flat = model if isinstance(model, FlatParameters) else FlatParameters(model)
         self.attached = Attached(node, loop)
         self.op = op
         self.strategy = strategy
         self.algorithm = algorithm
+        self.compression = compression
         self.lr = float(self.config.lr)
         self.steps = 0
         self.update = ShardedUpdate(self.config, self.flat.weights_np)
@@ -143,7 +155,7 @@ class ShardedOptimizer:
             return
         coll = self.attached.collectives
         numel = self.flat.numel
-        if self.strategy == "scatter_gather":
+        if self.strategy == "scatter_gather" or self.compression is not None:
             start, stop = coll.plan(numel).slices[coll.group.rank]
         else:
             start, stop = coll.owned_range(numel, self.flat.weights_np.itemsize, self.algorithm)
@@ -176,6 +188,7 @@ class ShardedOptimizer:
                 steps_done=self.steps,
                 op=self.op,
                 algorithm=self.algorithm,
+                compression=self.compression,
             )
         else:
             steps_done, update = self.steps, self.update

@@ -89,6 +89,8 @@ class TorchTask:
     epochs: int = 1
     lr_schedule: dict[str, Any] | None = None
     """A job LR schedule mapping (`LRSchedule` fields); default: constant `optimizer` lr."""
+    compression: str | None = None
+    """Wire compression of the sharded step (`"int8-ef"`: 8-bit with error feedback)."""
 
     def __post_init__(self) -> None:
         self.config = optimizer_config(self.optimizer)
@@ -158,6 +160,7 @@ class TorchTask:
             node,
             op="mean",
             strategy=self.strategy,
+            compression=self.compression,
             broadcast=False,
             loop=getattr(ctx, "loop", None) if not hasattr(ctx, "submit") else None,
         )

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from p2pdl import kernels
+from p2pdl import kernels, timeline
 from p2pdl.collectives.context import as_bytes, gather_all
 from p2pdl.collectives.op import SUB_BITS, Operation
 from p2pdl.collectives.plan import SlicePlan
@@ -176,6 +176,10 @@ class _Step:
     async def _contribute(self, peer: int) -> None:
         """Quantise (with feedback) and send this rank's piece of `peer`'s slice."""
         residual = self.feedback.residual
+        with timeline.span("reduce-scatter (int8)", "network", self.rank, to=peer):
+            await self._send_pieces(peer, residual)
+
+    async def _send_pieces(self, peer: int, residual: np.ndarray) -> None:
         for c, (a, b) in enumerate(self.plan.chunks[peer]):
             packed = np.empty(wire_bytes(b - a), np.uint8)
             scales, codes = _pack(packed, b - a)
@@ -201,7 +205,8 @@ class _Step:
         master = self.feedback.master
         assert master is not None
         for c, (a, b) in enumerate(chunks):
-            await gather_all(*(arrivals[p][c] for p in self.peers))
+            with timeline.span("wait for peers", "wait", self.rank, chunk=c):
+                await gather_all(*(arrivals[p][c] for p in self.peers))
             packed = np.empty(wire_bytes(b - a), np.uint8)
 
             def reduce_update_encode(
@@ -224,7 +229,8 @@ class _Step:
                 kernels.quantize_int8(delta, q, s)
                 kernels.dequantize_int8(shared, q, s, accumulate=True)
 
-            await self.c.compute.run(4 * (b - a), reduce_update_encode)
+            with timeline.span("owner update + int8 delta", "compute", self.rank, chunk=c):
+                await self.c.compute.run(4 * (b - a), reduce_update_encode)
             for p in self.peers:
                 await self.op.send(p, _GATHER_SUB + c, as_bytes(packed))
 
@@ -232,6 +238,12 @@ class _Step:
         self, peer: int, arrivals: list[asyncio.Future[Any]], deltas: list[np.ndarray]
     ) -> None:
         """Add `peer`'s dequantised weight deltas to the shared weights as they land."""
+        with timeline.span("all-gather (int8 deltas)", "network", self.rank, source=peer):
+            await self._apply_pieces(peer, arrivals, deltas)
+
+    async def _apply_pieces(
+        self, peer: int, arrivals: list[asyncio.Future[Any]], deltas: list[np.ndarray]
+    ) -> None:
         for c, (a, b) in enumerate(self.plan.chunks[peer]):
             await arrivals[c]
             s, q = _pack(deltas[c], b - a)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from p2pdl.collectives.api import Collectives
+from p2pdl.collectives.api import Collectives, OutsideGroup
 from p2pdl.collectives.compute import Compute
 from p2pdl.collectives.context import OnSlice
 from p2pdl.config import Limits, NodeConfig, Timeouts
@@ -175,18 +175,21 @@ class Node:
         algorithm: str = "auto",
         *,
         compression: str | None = None,
+        premul: float | None = None,
         on_slice: OnSlice | None = None,
         on_chunk: OnSlice | None = None,
         timeout: float | None = None,
     ) -> Any:
-        """Sum or average `array` (or a list of local buffers) across ranks, in place.
+        """Reduce `array` (or a list of local buffers) across ranks, in place (sum, mean,
+        min, max, prod; see `Collectives.allreduce`).
 
-        Every algorithm sums in a fixed order, so results are bit-identical on every rank
+        Every algorithm reduces in a fixed order, so results are bit-identical on every rank
         and from run to run.
         """
         await self.collectives.allreduce(
             array,
             op=op,
+            premul=premul,
             algorithm=algorithm,
             compression=compression,
             on_slice=on_slice,
@@ -221,3 +224,145 @@ class Node:
     async def barrier(self, *, timeout: float | None = None) -> None:
         """Wait until every rank has reached the barrier."""
         await self.collectives.barrier(timeout=timeout)
+
+    async def reduce(
+        self,
+        array: Any,
+        *,
+        root: int = 0,
+        op: str = "sum",
+        premul: float | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Reduce every rank's `array` into root's; the others' stay unchanged."""
+        await self.collectives.reduce(array, root=root, op=op, premul=premul, timeout=timeout)
+        return array
+
+    async def allgather_into(self, output: Any, input: Any, *, timeout: float | None = None) -> Any:
+        """Rank i's `input` lands at output[i*m:(i+1)*m] on every rank."""
+        await self.collectives.allgather_into(output, input, timeout=timeout)
+        return output
+
+    async def allgather_list(
+        self, outputs: Sequence[Any], input: Any, *, timeout: float | None = None
+    ) -> Any:
+        """outputs[i] receives rank i's `input` (sizes may differ per rank)."""
+        await self.collectives.allgather_list(outputs, input, timeout=timeout)
+        return outputs
+
+    async def reduce_scatter_into(
+        self,
+        output: Any,
+        input: Any,
+        *,
+        op: str = "sum",
+        premul: float | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """`output` gets the reduction of every rank's rank-th part of `input`."""
+        await self.collectives.reduce_scatter_into(
+            output, input, op=op, premul=premul, timeout=timeout
+        )
+        return output
+
+    async def reduce_scatter_list(
+        self,
+        output: Any,
+        inputs: Sequence[Any],
+        *,
+        op: str = "sum",
+        premul: float | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """`output` gets the reduction of every rank's inputs[rank] (uneven sizes allowed)."""
+        await self.collectives.reduce_scatter_list(
+            output, inputs, op=op, premul=premul, timeout=timeout
+        )
+        return output
+
+    async def gather(
+        self,
+        input: Any,
+        outputs: Sequence[Any] | None = None,
+        *,
+        root: int = 0,
+        timeout: float | None = None,
+    ) -> Any:
+        """On `root`, outputs[i] receives rank i's `input`; the others pass no outputs."""
+        await self.collectives.gather(input, outputs, root=root, timeout=timeout)
+        return outputs
+
+    async def scatter(
+        self,
+        output: Any,
+        inputs: Sequence[Any] | None = None,
+        *,
+        root: int = 0,
+        timeout: float | None = None,
+    ) -> Any:
+        """Root's inputs[i] lands in rank i's `output`; the others pass no inputs."""
+        await self.collectives.scatter(output, inputs, root=root, timeout=timeout)
+        return output
+
+    async def alltoall(
+        self,
+        output: Any,
+        input: Any,
+        *,
+        output_splits: Sequence[int] | None = None,
+        input_splits: Sequence[int] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Part j of `input` goes to rank j, into its `output` at part `rank` (splits in
+        elements; None: equal parts)."""
+        await self.collectives.alltoall(
+            output,
+            input,
+            output_splits=output_splits,
+            input_splits=input_splits,
+            timeout=timeout,
+        )
+        return output
+
+    async def alltoall_list(
+        self, outputs: Sequence[Any], inputs: Sequence[Any], *, timeout: float | None = None
+    ) -> Any:
+        """inputs[j] goes to rank j, into its outputs[rank]."""
+        await self.collectives.alltoall_list(outputs, inputs, timeout=timeout)
+        return outputs
+
+    async def allreduce_coalesced(
+        self,
+        arrays: Sequence[Any],
+        *,
+        op: str = "sum",
+        premul: float | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Reduce several buffers of one element type as one call, in place."""
+        await self.collectives.allreduce_coalesced(arrays, op=op, premul=premul, timeout=timeout)
+        return arrays
+
+    async def allgather_into_coalesced(
+        self, outputs: Sequence[Any], inputs: Sequence[Any], *, timeout: float | None = None
+    ) -> Any:
+        """`allgather_into(outputs[i], inputs[i])` for every i, as one call."""
+        await self.collectives.allgather_into_coalesced(outputs, inputs, timeout=timeout)
+        return outputs
+
+    async def send(
+        self, array: Any, dst: int, *, tag: int = 0, timeout: float | None = None
+    ) -> None:
+        """Send `array` to rank `dst` (matched in order by its `recv` from this rank)."""
+        await self.collectives.send(array, dst, tag=tag, timeout=timeout)
+
+    async def recv(
+        self, array: Any, src: int, *, tag: int = 0, timeout: float | None = None
+    ) -> Any:
+        """Receive the next message of rank `src` into `array`."""
+        await self.collectives.recv(array, src, tag=tag, timeout=timeout)
+        return array
+
+    def subgroup(self, ranks: Sequence[int]) -> Collectives | OutsideGroup:
+        """Collectives over `ranks` of the current session (see `Collectives.subgroup`)."""
+        return self.collectives.subgroup(ranks)

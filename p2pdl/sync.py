@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from p2pdl.node import Node
 
-__all__ = ["LoopBridge", "SyncNode", "bridge_of", "connect"]
+__all__ = ["LoopBridge", "SyncGroup", "SyncNode", "bridge_of", "connect"]
 
 T = TypeVar("T")
 
@@ -152,6 +152,57 @@ class SyncNode:
     def barrier(self, **kwargs: Any) -> None:
         self._call(self.node.barrier(**kwargs), kwargs.get("timeout"))
 
+    # The rest of the collective set: blocking `Node` methods (same arguments).
+    def reduce(self, array: Any, **kwargs: Any) -> Any:
+        return self._call(self.node.reduce(array, **kwargs), kwargs.get("timeout"))
+
+    def allgather_into(self, output: Any, input: Any, **kwargs: Any) -> Any:
+        return self._call(self.node.allgather_into(output, input, **kwargs), kwargs.get("timeout"))
+
+    def allgather_list(self, outputs: Any, input: Any, **kwargs: Any) -> Any:
+        return self._call(self.node.allgather_list(outputs, input, **kwargs), kwargs.get("timeout"))
+
+    def reduce_scatter_into(self, output: Any, input: Any, **kwargs: Any) -> Any:
+        coro = self.node.reduce_scatter_into(output, input, **kwargs)
+        return self._call(coro, kwargs.get("timeout"))
+
+    def reduce_scatter_list(self, output: Any, inputs: Any, **kwargs: Any) -> Any:
+        coro = self.node.reduce_scatter_list(output, inputs, **kwargs)
+        return self._call(coro, kwargs.get("timeout"))
+
+    def gather(self, input: Any, outputs: Any = None, **kwargs: Any) -> Any:
+        return self._call(self.node.gather(input, outputs, **kwargs), kwargs.get("timeout"))
+
+    def scatter(self, output: Any, inputs: Any = None, **kwargs: Any) -> Any:
+        return self._call(self.node.scatter(output, inputs, **kwargs), kwargs.get("timeout"))
+
+    def alltoall(self, output: Any, input: Any, **kwargs: Any) -> Any:
+        return self._call(self.node.alltoall(output, input, **kwargs), kwargs.get("timeout"))
+
+    def alltoall_list(self, outputs: Any, inputs: Any, **kwargs: Any) -> Any:
+        return self._call(self.node.alltoall_list(outputs, inputs, **kwargs), kwargs.get("timeout"))
+
+    def allreduce_coalesced(self, arrays: Any, **kwargs: Any) -> Any:
+        return self._call(self.node.allreduce_coalesced(arrays, **kwargs), kwargs.get("timeout"))
+
+    def allgather_into_coalesced(self, outputs: Any, inputs: Any, **kwargs: Any) -> Any:
+        coro = self.node.allgather_into_coalesced(outputs, inputs, **kwargs)
+        return self._call(coro, kwargs.get("timeout"))
+
+    def send(self, array: Any, dst: int, **kwargs: Any) -> None:
+        self._call(self.node.send(array, dst, **kwargs), kwargs.get("timeout"))
+
+    def recv(self, array: Any, src: int, **kwargs: Any) -> Any:
+        return self._call(self.node.recv(array, src, **kwargs), kwargs.get("timeout"))
+
+    def subgroup(self, ranks: Any) -> SyncGroup:
+        """A blocking view of `Node.subgroup(ranks)` (made on the loop, like every call)."""
+
+        async def make() -> Any:
+            return self.node.subgroup(ranks)
+
+        return SyncGroup(self._call(make(), 0.0), self)
+
     # ---------------------------------------------------------------------- closing
     def close(self) -> None:
         """Close the node politely and stop the loop thread (idempotent)."""
@@ -197,6 +248,83 @@ class SyncNode:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class SyncGroup:
+    """A subgroup's collectives driven from synchronous code, through its node's loop.
+
+    Each method is the blocking form of the `Collectives` method of the same name (same
+    arguments, in place, returns what that returns)."""
+
+    def __init__(self, group: Any, node: SyncNode) -> None:
+        self.group = group
+        self._node = node
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.group.world_size
+
+    def _blocking(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        coro = getattr(self.group, name)(*args, **kwargs)
+        return self._node._call(coro, kwargs.get("timeout"))
+
+    def allreduce(self, arrays: Any, **kwargs: Any) -> None:
+        self._blocking("allreduce", arrays, **kwargs)
+
+    def reduce(self, array: Any, **kwargs: Any) -> None:
+        self._blocking("reduce", array, **kwargs)
+
+    def broadcast(self, array: Any, **kwargs: Any) -> None:
+        self._blocking("broadcast", array, **kwargs)
+
+    def barrier(self, **kwargs: Any) -> None:
+        self._blocking("barrier", **kwargs)
+
+    def allgather_into(self, output: Any, input: Any, **kwargs: Any) -> None:
+        self._blocking("allgather_into", output, input, **kwargs)
+
+    def allgather_list(self, outputs: Any, input: Any, **kwargs: Any) -> None:
+        self._blocking("allgather_list", outputs, input, **kwargs)
+
+    def reduce_scatter_into(self, output: Any, input: Any, **kwargs: Any) -> None:
+        self._blocking("reduce_scatter_into", output, input, **kwargs)
+
+    def reduce_scatter_list(self, output: Any, inputs: Any, **kwargs: Any) -> None:
+        self._blocking("reduce_scatter_list", output, inputs, **kwargs)
+
+    def gather(self, input: Any, outputs: Any = None, **kwargs: Any) -> None:
+        self._blocking("gather", input, outputs, **kwargs)
+
+    def scatter(self, output: Any, inputs: Any = None, **kwargs: Any) -> None:
+        self._blocking("scatter", output, inputs, **kwargs)
+
+    def alltoall(self, output: Any, input: Any, **kwargs: Any) -> None:
+        self._blocking("alltoall", output, input, **kwargs)
+
+    def alltoall_list(self, outputs: Any, inputs: Any, **kwargs: Any) -> None:
+        self._blocking("alltoall_list", outputs, inputs, **kwargs)
+
+    def allreduce_coalesced(self, arrays: Any, **kwargs: Any) -> None:
+        self._blocking("allreduce_coalesced", arrays, **kwargs)
+
+    def allgather_into_coalesced(self, outputs: Any, inputs: Any, **kwargs: Any) -> None:
+        self._blocking("allgather_into_coalesced", outputs, inputs, **kwargs)
+
+    def send(self, array: Any, dst: int, **kwargs: Any) -> None:
+        self._blocking("send", array, dst, **kwargs)
+
+    def recv(self, array: Any, src: int, **kwargs: Any) -> None:
+        self._blocking("recv", array, src, **kwargs)
+
+    def subgroup(self, ranks: Any) -> SyncGroup:
+        async def make() -> Any:
+            return self.group.subgroup(ranks)
+
+        return SyncGroup(self._node._call(make(), 0.0), self._node)
 
 
 def bridge_of(node: Any, loop: asyncio.AbstractEventLoop | None = None) -> LoopBridge | None:

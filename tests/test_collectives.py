@@ -447,18 +447,23 @@ def test_torch_bad_tensors_are_refused() -> None:
             node = nodes[0]
             with pytest.raises(ValueError, match="contiguous"):
                 await node.allreduce(torch.ones(4, 4).t())
-            with pytest.raises(TypeError, match="float32 or float64"):
-                await node.allreduce(torch.ones(4, dtype=torch.int64))
-            with pytest.raises(TypeError, match="float32 or float64"):
-                await node.allreduce(torch.ones(4, dtype=torch.float16))
+            with pytest.raises(TypeError, match="needs a float dtype"):
+                await node.allreduce(torch.ones(4, dtype=torch.int64), op="mean")
+            with pytest.raises(TypeError, match="cannot reduce complex64"):
+                await node.allreduce(torch.ones(4, dtype=torch.complex64))
+            if hasattr(torch, "float8_e4m3fn"):
+                with pytest.raises(TypeError, match="cannot reduce float8"):
+                    await node.allreduce(torch.ones(4).to(torch.float8_e4m3fn))
 
     run(body())
 
 
 # ------------------------------------------------------------------------------- bad input
 BAD_CALLS: list[tuple[str, Callable[[Node], Any], type[Exception]]] = [
-    ("int dtype", lambda node: node.allreduce(np.ones(8, dtype=np.int32)), TypeError),
-    ("float16", lambda node: node.allreduce(np.ones(8, dtype=np.float16)), TypeError),
+    ("int mean", lambda node: node.allreduce(np.ones(8, dtype=np.int32), op="mean"), TypeError),
+    ("uint16", lambda node: node.allreduce(np.ones(8, dtype=np.uint16)), TypeError),
+    ("bool premul", lambda node: node.allreduce(np.ones(8, bool), premul=2.0), TypeError),
+    ("premul max", lambda node: node.allreduce(np.ones(8), op="max", premul=2.0), ValueError),
     ("non-contiguous", lambda node: node.allreduce(np.ones((4, 4), np.float32).T), ValueError),
     ("strided", lambda node: node.allreduce(np.ones(16, np.float32)[::2]), ValueError),
     ("read-only", lambda node: node.allreduce(_read_only()), ValueError),
@@ -469,7 +474,12 @@ BAD_CALLS: list[tuple[str, Callable[[Node], Any], type[Exception]]] = [
         lambda node: node.allreduce([np.ones(4, np.float32), np.ones(5, np.float32)]),
         ValueError,
     ),
-    ("unknown op", lambda node: node.allreduce(np.ones(8, np.float32), op="max"), ValueError),
+    ("unknown op", lambda node: node.allreduce(np.ones(8, np.float32), op="bxor"), ValueError),
+    (
+        "max compressed",
+        lambda node: node.allreduce(np.ones(8, np.float32), op="max", compression="bf16"),
+        ValueError,
+    ),
     (
         "unknown algorithm",
         lambda node: node.allreduce(np.ones(8, np.float32), algorithm="bogus"),
@@ -490,8 +500,8 @@ BAD_CALLS: list[tuple[str, Callable[[Node], Any], type[Exception]]] = [
         lambda node: node.allreduce(np.ones(8, np.float32), algorithm="tree", compression="fp16"),
         ValueError,
     ),
-    ("reduce_scatter op", lambda node: node.reduce_scatter(np.ones(8), op="prod"), ValueError),
-    ("allgather int", lambda node: node.allgather(np.ones(8, dtype=np.int64)), TypeError),
+    ("reduce_scatter op", lambda node: node.reduce_scatter(np.ones(8), op="band"), ValueError),
+    ("allgather object", lambda node: node.allgather(np.ones(8, dtype=object)), TypeError),
     ("broadcast root", lambda node: node.broadcast(np.ones(8), root=3), ValueError),
     ("broadcast read-only", lambda node: node.broadcast(_read_only()), ValueError),
 ]
@@ -884,7 +894,7 @@ def test_bad_arguments_leave_the_local_buffers_untouched() -> None:
         async with make_cluster(1) as (node,):
             first, second = np.ones(8, np.float32), np.full(8, 2.0, np.float32)
             for kwargs in (
-                {"op": "max"},
+                {"op": "max", "premul": 2.0},
                 {"algorithm": "tree", "compression": "bf16"},
                 {"compression": "zip"},
                 {"timeout": -3},

@@ -11,6 +11,7 @@ import numpy as np
 
 from p2pdl import kernels
 from p2pdl.collectives.compute import Compute, ScratchPool
+from p2pdl.collectives.dtypes import reduce_sources, scale_buffer
 from p2pdl.collectives.op import Operation
 
 OnSlice = Callable[[int, int, np.ndarray], Any]
@@ -39,6 +40,15 @@ class ReduceContext:
     chunkwise: bool = False
     """`on_slice` is elementwise: `sliced` may call it per reduced chunk of the owned slice,
     so sharing a chunk does not wait for the whole slice (the all-gather overlaps)."""
+    reduce_op: str = "sum"
+    """"sum" (also for the mean), "min", "max" or "prod"."""
+    kind: str = ""
+    """The element type's name ("bfloat16" for uint16 words of bf16 bits); "" means the
+    buffer's own dtype."""
+
+    @property
+    def element(self) -> str:
+        return self.kind or self.buf.dtype.name
 
     @property
     def rank(self) -> int:
@@ -58,19 +68,23 @@ class ReduceContext:
     async def reduce_chunk(
         self, dst: np.ndarray, sources: list[np.ndarray], *, final: bool = True
     ) -> None:
-        """dst = sum of `sources` in rank order; the rank's own data is `dst` itself.
+        """dst = sources[0] op sources[1] op ... in rank order (`dst` may be one of them).
 
-        Uncompressed sources are summed in one pass; compressed (uint16) ones are decoded
+        Uncompressed sources are reduced in one pass; compressed (uint16) ones are decoded
         and accumulated in turn. The mean's scale is applied once, on the `final` reduction.
         """
         nbytes = dst.nbytes * max(1, len(sources))
         compression = self.compression
         scale = self.final_scale() if final else None
         parallel = self._parallel(dst.size)
+        op, kind = self.reduce_op, self.element
+        plain_sum = op == "sum" and kind in ("float32", "float64")
 
         def work() -> None:
-            if compression is None:
+            if compression is None and plain_sum:
                 sum_in_rank_order(dst, sources, parallel)
+            elif compression is None:
+                reduce_sources(dst, sources, op, kind, parallel)
             else:
                 decode_add = (
                     kernels.decode_add_bf16 if compression == "bf16" else (kernels.decode_add_fp16)
@@ -79,7 +93,7 @@ class ReduceContext:
                     if source is not dst:
                         decode_add(dst, source, parallel=parallel)
             if scale is not None:
-                kernels.scale_(dst, scale, parallel=parallel)
+                scale_buffer(dst, kind, scale, parallel)
 
         await self.compute.run(nbytes, work)
 

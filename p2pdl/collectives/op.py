@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from p2pdl.errors import (
@@ -95,10 +95,14 @@ class Operation:
         *,
         base: int | None = None,
         peers: Sequence[int] | None = None,
+        pair_descriptors: Mapping[int, str] | None = None,
     ) -> None:
         self.group = group
         self.name = name
         self.descriptor = descriptor
+        self.pair_descriptors = pair_descriptors
+        """Per peer, what the two ranks of that link must agree on instead of `descriptor`
+        (the sizes of uneven gathers, scatters and all-to-alls: each pair knows its own)."""
         self.deadline = deadline
         """Loop time by which the whole operation must be done (one deadline per call)."""
         self.timeout = max(0.0, deadline - asyncio.get_running_loop().time())
@@ -125,14 +129,20 @@ class Operation:
             if header.get("t") == abort_tag:
                 raise self._abort_error(header)
             theirs = header.get("d")
-            if theirs != self.descriptor:
+            mine = self.descriptor_with(peer)
+            if theirs != mine:
                 raise CollectiveMismatchError(
                     self.name,
-                    f"rank {peer} called {theirs}, rank {self.rank} called {self.descriptor}",
+                    f"rank {peer} called {theirs}, rank {self.rank} called {mine}",
                     [peer, self.rank],
                 )
 
         return check
+
+    def descriptor_with(self, peer: int) -> str:
+        """What this rank's frames to and from `peer` carry."""
+        pairs = self.pair_descriptors
+        return self.descriptor if pairs is None else pairs.get(peer, self.descriptor)
 
     def recv(
         self, peer: int, sub: int, view: memoryview | None, *, limit: int = UNSIZED_LIMIT
@@ -174,7 +184,7 @@ class Operation:
         link = self.group.link(peer)
         if link.lost is None:
             try:
-                await link.send({"t": self.base | sub, "d": self.descriptor}, payload)
+                await link.send({"t": self.base | sub, "d": self.descriptor_with(peer)}, payload)
                 return
             except PeerLostError:
                 pass

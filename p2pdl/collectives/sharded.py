@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from p2pdl import kernels
+from p2pdl.collectives.lowrank import LowRankSpec, LowRankState, is_lowrank, lowrank_reduce
 from p2pdl.collectives.quantized import NAME as INT8_EF
 from p2pdl.collectives.quantized import Int8Feedback, sharded_step_int8
 from p2pdl.errors import ConfigError
@@ -201,6 +202,8 @@ class ShardedUpdate:
         self.state: dict[str, np.ndarray] = {}
         self.feedback: Int8Feedback | None = None
         """int8-ef's residual and master weights (made by the first compressed step)."""
+        self.lowrank: LowRankState | None = None
+        """PowerSGD's plan, warm-start factors and residual (made by its first step)."""
 
     def own(
         self,
@@ -264,6 +267,7 @@ async def sharded_step(
     scale: float | None = None,
     algorithm: str = "auto",
     compression: str | None = None,
+    shapes: Sequence[Sequence[int]] | None = None,
     timeout: float | None = None,
 ) -> None:
     """Allreduce `grads` (this node's local replicas: phase 1 sums them) with the optimizer
@@ -273,14 +277,27 @@ async def sharded_step(
     `weights` may be longer than `update.size`: the values past it are carried (the reduced
     value replaces the old one, e.g. accounting sums). `scale` multiplies the reduced
     gradient before the update (a global-batch mean). `compression="int8-ef"` moves 8-bit
-    codes with error feedback both ways (`p2pdl.collectives.quantized`).
+    codes with error feedback both ways (`p2pdl.collectives.quantized`);
+    `"powersgd:rank=R"` exchanges low-rank factors of each weight matrix's gradient (`shapes`
+    says where the matrices are; `p2pdl.collectives.lowrank`) and every rank then updates its
+    whole replica with the same bits.
     """
     size = update.size
     if weights.size != grads[0].size:
         raise ValueError(f"weights hold {weights.size} elements, the gradient {grads[0].size}")
+    if is_lowrank(compression):
+        assert compression is not None
+        await _lowrank_step(
+            collectives, list(grads), weights, update, compression, shapes, lr=lr,
+            steps_done=steps_done, op=op, scale=scale, timeout=timeout,
+        )  # fmt: skip
+        return
     if compression is not None:
         if compression != INT8_EF:
-            raise ValueError(f"the sharded step compresses with {INT8_EF!r}, not {compression!r}")
+            raise ValueError(
+                f"the sharded step compresses with {INT8_EF!r} or 'powersgd:rank=R', "
+                f"not {compression!r}"
+            )
         if update.feedback is None:
             update.feedback = Int8Feedback(size)
         await sharded_step_int8(
@@ -310,6 +327,49 @@ async def sharded_step(
         timeout=timeout,
     )
     np.copyto(weights, grads[0])
+
+
+async def _lowrank_step(
+    collectives: Any,
+    grads: list[np.ndarray],
+    weights: np.ndarray,
+    update: ShardedUpdate,
+    compression: str,
+    shapes: Sequence[Sequence[int]] | None,
+    *,
+    lr: float,
+    steps_done: int,
+    op: str,
+    scale: float | None,
+    timeout: float | None,
+) -> None:
+    """PowerSGD: the approximated gradient is the same everywhere; every rank steps its
+    whole replica (state for all of it, as DDP's optimizers keep)."""
+    size = update.size
+    state = update.lowrank
+    if state is None:
+        spec = LowRankSpec.parse(compression)
+        state = LowRankState(spec, size, tuple(tuple(s) for s in (shapes or [(size,)])))
+        update.lowrank = state
+    if update.range is None:
+        update.own(0, size)
+    if update.range != (0, size):
+        raise RuntimeError(f"powersgd updates every weight, but this rank owns {update.range}")
+    if len(grads) > 1:
+        kernels.sum_into(grads[0], grads)
+    buf = grads[0]
+    await lowrank_reduce(
+        collectives, buf, state, mean=op == "mean", tail=weights.size - size, timeout=timeout
+    )
+    grad = buf[:size]
+
+    def step() -> None:
+        if scale is not None:
+            kernels.scale_(grad, scale)
+        update.update(0, size, grad, lr=lr, steps_done=steps_done)
+
+    await collectives.compute.run(4 * size, step)
+    weights[size:] = buf[size:]
 
 
 async def gather_state(

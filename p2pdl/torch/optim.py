@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from p2pdl import kernels
+from p2pdl.collectives.lowrank import LowRankSpec, is_lowrank
 from p2pdl.collectives.quantized import NAME as INT8_EF
 from p2pdl.collectives.sharded import (
     OptimizerConfig,
@@ -103,7 +104,10 @@ class ShardedOptimizer:
     ``compression="int8-ef"`` (with the allreduce strategy) sends 8-bit codes both ways with
     error feedback: the gradients' residual stays with each sender, the owner updates exact
     master weights and shares quantised deltas, so every rank's weights stay bit-identical
-    (`p2pdl.collectives.quantized`). For links slower than the step's compute.
+    (`p2pdl.collectives.quantized`). ``compression="powersgd:rank=4"`` exchanges low-rank
+    factors of each weight matrix's gradient with error feedback and every rank updates its
+    whole replica with the same bits (`p2pdl.collectives.lowrank`; optimizer state for all
+    weights, as DDP keeps). Both are for links slower than the step's compute.
 
     `op="mean"` averages gradients across ranks (what DDP does; the loss is a per-rank mean),
     `op="sum"` sums them. `local_grads` are the gradient buffers of other local replicas
@@ -129,8 +133,9 @@ class ShardedOptimizer:
             raise ValueError(f"op must be 'sum' or 'mean', got {op!r}")
         if strategy not in _STRATEGIES:
             raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
-        if compression not in (None, INT8_EF):
-            raise ValueError(f"compression must be None or {INT8_EF!r}, got {compression!r}")
+        if compression is not None and compression != INT8_EF:
+            LowRankSpec.parse(compression)  # ConfigError unless 'powersgd[:rank=R]'
+
         if compression is not None and strategy != "allreduce":
             raise ValueError("compression needs strategy='allreduce'")
         self.config = optimizer_config(optimizer)
@@ -155,7 +160,9 @@ class ShardedOptimizer:
             return
         coll = self.attached.collectives
         numel = self.flat.numel
-        if self.strategy == "scatter_gather" or self.compression is not None:
+        if is_lowrank(self.compression):
+            start, stop = 0, numel  # every rank steps its whole replica
+        elif self.strategy == "scatter_gather" or self.compression is not None:
             start, stop = coll.plan(numel).slices[coll.group.rank]
         else:
             start, stop = coll.owned_range(numel, self.flat.weights_np.itemsize, self.algorithm)
@@ -189,6 +196,7 @@ class ShardedOptimizer:
                 op=self.op,
                 algorithm=self.algorithm,
                 compression=self.compression,
+                shapes=flat.shapes,
             )
         else:
             steps_done, update = self.steps, self.update

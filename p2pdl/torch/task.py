@@ -90,7 +90,8 @@ class TorchTask:
     lr_schedule: dict[str, Any] | None = None
     """A job LR schedule mapping (`LRSchedule` fields); default: constant `optimizer` lr."""
     compression: str | None = None
-    """Wire compression of the sharded step (`"int8-ef"`: 8-bit with error feedback)."""
+    """Wire compression of the sharded step: `"int8-ef"` (8-bit, error feedback) or
+    `"powersgd:rank=R"` (low-rank factors, error feedback)."""
 
     def __post_init__(self) -> None:
         self.config = optimizer_config(self.optimizer)

@@ -31,6 +31,7 @@ from p2pdl import kernels, timeline
 from p2pdl.collectives.context import as_bytes, gather_all
 from p2pdl.collectives.op import SUB_BITS, Operation
 from p2pdl.collectives.plan import SlicePlan
+from p2pdl.collectives.readiness import GradientReadiness
 from p2pdl.kernels.quant import QBLOCK, wire_bytes
 
 NAME = "int8-ef"
@@ -71,18 +72,24 @@ async def sharded_step_int8(
     op: str,
     scale: float | None,
     timeout: float | None,
+    ready: GradientReadiness | None = None,
 ) -> None:
     """One int8-ef sharded step (see the module docstring); `weights[update.size:]` (an
-    accounting tail) is summed exactly by a small allreduce after it."""
+    accounting tail) is summed exactly by a small allreduce after it. With `ready` the step
+    may start while backward still writes `grads[0]` (one local replica only)."""
     size = update.size
     if weights.dtype != np.float32 or grads[0].dtype != np.float32:
         raise TypeError("int8-ef compresses float32 gradients and weights")
     if feedback.size != size:
         raise ValueError(f"the int8-ef state is for {feedback.size} weights, not {size}")
+    if ready is not None and len(grads) > 1:
+        raise ValueError("a step that starts before backward ends takes one local replica")
     if len(grads) > 1:
         kernels.sum_into(grads[0], grads)
     buf = grads[0]
     n = collectives.group.world_size
+    if ready is not None and (n == 1 or weights.size > size):
+        await ready.wait(0, weights.size)  # nothing to overlap with, or the tail comes last
     tail = buf[size:].copy() if weights.size > size else None
     if n == 1:
         _reduce_alone(buf, weights, update, size, lr, steps_done, op, scale)
@@ -102,6 +109,7 @@ async def sharded_step_int8(
             collectives.group, "sharded_step", descriptor, collectives.deadline(timeout)
         )
         step = _Step(collectives, operation, plan, buf[:size], weights[:size], update, feedback)
+        step.ready = ready
         await operation.run(lambda: step.run(lr, steps_done, op, scale))
     if tail is not None:
         await collectives.allreduce(tail, op="sum", algorithm="direct", timeout=timeout)
@@ -142,6 +150,17 @@ class _Step:
         self.feedback = feedback
         self.rank = op.rank
         self.peers = op.peers
+        self.ready: GradientReadiness | None = None
+        """Set when the step starts before backward ends: chunks are read once backward has
+        written them, last ones first (the order backward writes them)."""
+
+    def order(self, chunks: tuple[tuple[int, int], ...]) -> list[tuple[int, tuple[int, int]]]:
+        numbered = list(enumerate(chunks))
+        return numbered[::-1] if self.ready is not None else numbered
+
+    async def _written(self, a: int, b: int) -> None:
+        if self.ready is not None:
+            await self.ready.wait(a, b)
 
     async def run(self, lr: float, steps_done: int, op_name: str, scale: float | None) -> None:
         plan, rank, peers, op = self.plan, self.rank, self.peers, self.op
@@ -180,7 +199,8 @@ class _Step:
             await self._send_pieces(peer, residual)
 
     async def _send_pieces(self, peer: int, residual: np.ndarray) -> None:
-        for c, (a, b) in enumerate(self.plan.chunks[peer]):
+        for c, (a, b) in self.order(self.plan.chunks[peer]):
+            await self._written(a, b)
             packed = np.empty(wire_bytes(b - a), np.uint8)
             scales, codes = _pack(packed, b - a)
             await self.c.compute.run(
@@ -204,7 +224,8 @@ class _Step:
         """Reduce each owned chunk in rank order, update the master copy, share the delta."""
         master = self.feedback.master
         assert master is not None
-        for c, (a, b) in enumerate(chunks):
+        for c, (a, b) in self.order(chunks):
+            await self._written(a, b)
             with timeline.span("wait for peers", "wait", self.rank, chunk=c):
                 await gather_all(*(arrivals[p][c] for p in self.peers))
             packed = np.empty(wire_bytes(b - a), np.uint8)
@@ -244,7 +265,7 @@ class _Step:
     async def _apply_pieces(
         self, peer: int, arrivals: list[asyncio.Future[Any]], deltas: list[np.ndarray]
     ) -> None:
-        for c, (a, b) in enumerate(self.plan.chunks[peer]):
+        for c, (a, b) in self.order(self.plan.chunks[peer]):
             await arrivals[c]
             s, q = _pack(deltas[c], b - a)
             await self.c.compute.run(

@@ -26,6 +26,7 @@ from p2pdl import kernels
 from p2pdl.collectives.lowrank import LowRankSpec, LowRankState, is_lowrank, lowrank_reduce
 from p2pdl.collectives.quantized import NAME as INT8_EF
 from p2pdl.collectives.quantized import Int8Feedback, sharded_step_int8
+from p2pdl.collectives.readiness import GradientReadiness
 from p2pdl.errors import ConfigError
 
 __all__ = [
@@ -269,6 +270,7 @@ async def sharded_step(
     compression: str | None = None,
     shapes: Sequence[Sequence[int]] | None = None,
     timeout: float | None = None,
+    ready: GradientReadiness | None = None,
 ) -> None:
     """Allreduce `grads` (this node's local replicas: phase 1 sums them) with the optimizer
     inside: each owner updates its range of `weights` as its reduced chunks land and shares
@@ -280,11 +282,16 @@ async def sharded_step(
     codes with error feedback both ways (`p2pdl.collectives.quantized`);
     `"powersgd:rank=R"` exchanges low-rank factors of each weight matrix's gradient (`shapes`
     says where the matrices are; `p2pdl.collectives.lowrank`) and every rank then updates its
-    whole replica with the same bits.
+    whole replica with the same bits. `ready` lets the step start before backward has
+    finished `grads[0]`: int8-ef sends each chunk once it is written (last layers first);
+    the other paths wait for the whole gradient.
     """
     size = update.size
     if weights.size != grads[0].size:
         raise ValueError(f"weights hold {weights.size} elements, the gradient {grads[0].size}")
+    if ready is not None and compression != INT8_EF:
+        await ready.wait(0, grads[0].size)
+        ready = None
     if is_lowrank(compression):
         assert compression is not None
         await _lowrank_step(
@@ -302,7 +309,7 @@ async def sharded_step(
             update.feedback = Int8Feedback(size)
         await sharded_step_int8(
             collectives, list(grads), weights, update, update.feedback, lr=lr,
-            steps_done=steps_done, op=op, scale=scale, timeout=timeout,
+            steps_done=steps_done, op=op, scale=scale, timeout=timeout, ready=ready,
         )  # fmt: skip
         return
 

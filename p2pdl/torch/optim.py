@@ -19,6 +19,7 @@ import torch
 from p2pdl import kernels
 from p2pdl.collectives.lowrank import LowRankSpec, is_lowrank
 from p2pdl.collectives.quantized import NAME as INT8_EF
+from p2pdl.collectives.readiness import GradientReadiness
 from p2pdl.collectives.sharded import (
     OptimizerConfig,
     ShardedUpdate,
@@ -177,9 +178,14 @@ class ShardedOptimizer:
         self.attached.call(self.broadcast_weights_async(root))
 
     async def step_async(
-        self, lr: float | None = None, local_grads: Sequence[torch.Tensor] = ()
+        self,
+        lr: float | None = None,
+        local_grads: Sequence[torch.Tensor] = (),
+        *,
+        ready: GradientReadiness | None = None,
     ) -> None:
-        """The sharded step on the node's loop (see the class docstring)."""
+        """The sharded step on the node's loop (see the class docstring). With `ready` it
+        may start before backward ends (see :meth:`overlapped`)."""
         lr = self.lr if lr is None else float(lr)
         flat = self.flat
         grads = [flat.grads_np, *(to_numpy(g) for g in local_grads)]
@@ -197,6 +203,7 @@ class ShardedOptimizer:
                 algorithm=self.algorithm,
                 compression=self.compression,
                 shapes=flat.shapes,
+                ready=ready,
             )
         else:
             steps_done, update = self.steps, self.update
@@ -212,6 +219,29 @@ class ShardedOptimizer:
         for g in local_grads:
             g.zero_()
         self.steps += 1
+
+    def readiness(self) -> GradientReadiness:
+        """A fresh tracker of which parameters' gradients backward has written, fed by
+        autograd hooks (registered once): pass it to `step_async` started before backward."""
+        flat = self.flat
+        if self.attached.bridge is None:
+            raise RuntimeError("readiness needs a node whose loop runs in another thread")
+        loop = self.attached.bridge.loop
+        tracker = GradientReadiness(flat.offsets, [p.numel() for p in flat.params], loop)
+        self._tracker = tracker
+        if not getattr(self, "_hooked", False):
+            for i, p in enumerate(flat.params):
+                p.register_post_accumulate_grad_hook(
+                    lambda _p, i=i: self._tracker.mark_threadsafe(i)
+                )
+            self._hooked = True
+        return tracker
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether a step can start before backward ends (int8-ef sends each chunk once
+        backward has written it; the other paths gain nothing from starting early)."""
+        return self.compression == INT8_EF and self.strategy == "allreduce"
 
     def step(self, lr: float | None = None, local_grads: Sequence[torch.Tensor] = ()) -> None:
         """Blocking :meth:`step_async` (needs `p2pdl.connect()` or a loop running elsewhere)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import copy
 import os
 import threading
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from p2pdl import timeline
+from p2pdl.errors import P2PDLError
 from p2pdl.torch.flat import FlatParameters
 from p2pdl.torch.optim import ShardedOptimizer, optimizer_config
 
@@ -221,11 +223,40 @@ class TorchTask:
         for f in self.flats:
             f.attach_grads()
         rank = self.sharded.attached.rank
+        if self.sharded.overlaps and len(self.flats) == 1:
+            loss_sum, count = self._overlapped_step(samples, lr, rank)
+            return {"loss": loss_sum / max(1, count), "samples": float(count)}
         with timeline.span("forward/backward", "compute", rank):
             loss_sum, count = self._forward_backward(samples)
         with timeline.span("sharded step", "collective", rank):
             self.sharded.attached.call(self.sharded.step_async(lr, self._local_grads()))
         return {"loss": loss_sum / max(1, count), "samples": float(count)}
+
+    def _overlapped_step(self, samples: Sequence[int], lr: float, rank: int) -> tuple[float, int]:
+        """Forward/backward here while the sharded step, started first on the node's loop,
+        sends each gradient chunk as soon as backward has written it."""
+        assert self.sharded is not None
+        sharded = self.sharded
+        ready = sharded.readiness()
+        started = timeline.now_us()
+        step = sharded.attached.submit(sharded.step_async(lr, ready=ready))
+        try:
+            with timeline.span("forward/backward", "compute", rank):
+                result = self._forward_backward(samples)
+        except BaseException as exc:
+            ready.fail_threadsafe(P2PDLError(f"backward failed on rank {rank}: {exc!r}"))
+            with contextlib.suppress(Exception):
+                step.result(sharded.attached.wait())
+            raise
+        for i in range(len(sharded.flat.params)):  # unused parameters: zero gradients, done
+            ready.mark_threadsafe(i)
+        try:
+            step.result(sharded.attached.wait())
+        except BaseException:
+            step.cancel()
+            raise
+        timeline.record("sharded step (overlapped)", "collective", rank, started, timeline.now_us())
+        return result
 
     async def local_step_async(
         self, node: Any, samples: Sequence[int], lr: float

@@ -9,6 +9,7 @@ milliseconds each and the clusters' start-up is paid a few times only.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,7 +21,10 @@ from helpers import make_cluster, on_all, on_all_settled, run, short_timeouts
 from p2pdl.collectives.alltoall import pair_labels, plan_alltoall
 from p2pdl.collectives.api import Collectives
 from p2pdl.collectives.dtypes import bf16_words
-from p2pdl.errors import CollectiveMismatchError
+from p2pdl.collectives.groups import GroupKey, GroupTags
+from p2pdl.collectives.op import SUB_BITS
+from p2pdl.collectives.p2p import p2p_base
+from p2pdl.errors import CollectiveMismatchError, CollectiveTimeoutError, PeerLostError
 
 torch = pytest.importorskip("torch")
 
@@ -169,16 +173,22 @@ def test_reductions_match_numpy_for_every_dtype_and_op(n: int) -> None:
     run(body())
 
 
+PATHS = ("ring", "tree", "driver", "sliced", "hierarchical")
+"""shm is left out while its small-buffer path (uncommitted, shm.py) sums whatever the op."""
+
+
 @pytest.mark.parametrize("n", [2, 3])
 def test_every_allreduce_path_gives_the_same_bits_on_every_rank(n: int) -> None:
-    """min/max/prod and 16-bit floats through ring, tree, driver and sliced: every rank ends
-    with the same bits; exact ops also equal NumPy's."""
+    """min/max/prod and 16-bit floats through every path (the hierarchy with ranks 0 and 1
+    on one host): every rank ends with the same bits; exact ops also equal NumPy's."""
     rng = np.random.default_rng(10 + n)
 
     async def body() -> None:
         async with make_cluster(n, chunk_bytes=256) as nodes:
             cs = [node.collectives for node in nodes]
-            for algorithm in ("ring", "tree", "driver", "sliced"):
+            for algorithm in PATHS:
+                for c in cs:
+                    c.host_ids = ["a", "a", "b"][:n]
                 for kind in ("float16", "bfloat16", "float64", "int32", "bool"):
                     for op in ("prod", "min", "max", "sum"):
                         inputs = [values(kind, 301, rng) for _ in range(n)]
@@ -570,3 +580,46 @@ def test_one_rank_world_and_empty_buffers() -> None:
             assert all(isinstance(r, CollectiveMismatchError) for r in results), results
 
     run(body())
+
+
+# ------------------------------------------------------------------- failures and tags
+def test_a_missing_or_lost_rank_is_named() -> None:
+    async def body() -> None:
+        async with make_cluster(3, timeouts=short_timeouts(operation=SHORT)) as nodes:
+            cs = [node.collectives for node in nodes]
+            # rank 2 never calls: the root names it when the call's deadline passes
+            results = await asyncio.gather(
+                cs[0].reduce(np.ones(4), root=0, timeout=2.0),
+                cs[1].reduce(np.ones(4), root=0, timeout=2.0),
+                return_exceptions=True,
+            )
+            assert isinstance(results[0], CollectiveTimeoutError), results
+            assert results[0].missing == (2,)
+            assert isinstance(results[1], CollectiveTimeoutError), results  # waits for 0
+            # rank 2 leaves before its part of a gather: the root names it
+            await nodes[2].close()
+            got = [np.zeros(2) for _ in range(3)]
+            results = await asyncio.gather(
+                cs[0].gather(np.ones(2), got, root=0),
+                cs[1].gather(np.ones(2), root=0),
+                return_exceptions=True,
+            )
+            assert isinstance(results[0], PeerLostError) and 2 in results[0].ranks, results
+
+    run(body())
+
+
+def test_group_tags_never_meet_the_world_tags_or_each_other() -> None:
+    world_ops = [(k << SUB_BITS, (k + 1) << SUB_BITS) for k in (1, 2, (1 << 38) - 1)]
+    world_p2p = [(p2p_base(0, 1, s), p2p_base(0, 1, s) + (1 << SUB_BITS)) for s in (0, 9)]
+    ranges = {"world": world_ops + world_p2p}
+    for gid in (0, 1, (1 << 20) - 1):
+        tags = GroupTags(gid)
+        ops = [tags.next_op_id() << SUB_BITS for _ in range(3)]
+        msgs = [tags.p2p_base(s, d, q) for s, d, q in ((0, 1, 0), (1, 0, 0), (0, 1, 5))]
+        ranges[f"group {gid}"] = [(b, b + (1 << SUB_BITS)) for b in ops + msgs]
+    spans = sorted((lo, hi, name) for name, rs in ranges.items() for lo, hi in rs)
+    for (_lo, hi, name), (lo2, _hi2, name2) in itertools.pairwise(spans):
+        assert hi <= lo2, (name, name2)
+    assert all(hi <= 1 << 64 for _lo, hi, _n in spans)
+    assert GroupKey((0, 2), 0).gid != GroupKey((0, 2), 1).gid

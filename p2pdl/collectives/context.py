@@ -51,6 +51,16 @@ class ReduceContext:
         return self.kind or self.buf.dtype.name
 
     @property
+    def plain_sum(self) -> bool:
+        """A float32/float64 sum (or mean) on the wire as it is: the only reduction that
+        NumPy's `add` or `kernels.sum_into` may do; every other goes through `reduce_chunk`."""
+        return (
+            self.reduce_op == "sum"
+            and self.compression is None
+            and self.element in ("float32", "float64")
+        )
+
+    @property
     def rank(self) -> int:
         return self.op.rank
 
@@ -78,10 +88,10 @@ class ReduceContext:
         scale = self.final_scale() if final else None
         parallel = self._parallel(dst.size)
         op, kind = self.reduce_op, self.element
-        plain_sum = op == "sum" and kind in ("float32", "float64")
+        plain_sum = self.plain_sum
 
         def work() -> None:
-            if compression is None and plain_sum:
+            if plain_sum:
                 sum_in_rank_order(dst, sources, parallel)
             elif compression is None:
                 reduce_sources(dst, sources, op, kind, parallel)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import naive
 import numba
 import numpy as np
-import p2pdl.kernels as K
 import pytest
+
+import p2pdl.kernels as K
 from p2pdl.kernels import _jit
 
 JIT = not numba.config.DISABLE_JIT

@@ -163,6 +163,9 @@ class Operation:
         self._waiting[future] = peer
         self._progress[future] = done
         future.add_done_callback(self._settled)
+        lost = self.group.link(peer).lost
+        if lost is not None:  # lost before this wait began: the watcher has already fired
+            self._on_peer_lost(peer, lost)
         return future
 
     def _settled(self, future: asyncio.Future[Any]) -> None:

@@ -142,11 +142,11 @@ def test_a_rank_that_cannot_map_makes_everyone_fall_back() -> None:
     async def body() -> None:
         async with make_cluster(n) as nodes:
 
-            async def cannot_map(rank: int, offer: bytes, deadline: float) -> shm.Segment:
+            async def cannot_map(rank: int, offer: bytes, deadline: float) -> None:
                 raise ConnectionRefusedError(111, "cannot reach its fd server")
 
             assert all(node.collectives.shm.usable for node in nodes)  # probed at start
-            nodes[2].collectives.shm.peer_segment = cannot_map  # type: ignore[method-assign]
+            nodes[2].collectives.shm.peer_control = cannot_map  # type: ignore[method-assign]
             for node in nodes:
                 node.collectives.shm.usable = None  # probe again, as a new group would
             arrays = [np.full(size, 1.0, np.float32) for _ in nodes]
@@ -234,8 +234,8 @@ def test_ranks_in_different_network_namespaces_cannot_reach_each_other_and_agree
             assert all(np.all(a == n) for a in arrays)
             assert [node.collectives.shm.usable for node in nodes] == [False] * n
             assert [node.collectives.last_algorithm for node in nodes] == ["sliced"] * n
-            assert arena.own is not None
-            offer = shmfd.Offer.parse(arena.own.offer)
+            assert arena.control_segment is not None
+            offer = shmfd.Offer.parse(arena.control_segment.offer)
             deadline = asyncio.get_running_loop().time() + 5.0
             with pytest.raises(ConnectionRefusedError, match="cannot reach its fd server"):
                 await shmfd.fetch(offer, deadline)

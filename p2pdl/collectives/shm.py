@@ -1,27 +1,31 @@
 """Allreduce through shared memory when every rank runs on one host.
 
 On one host, TCP costs two kernel copies per byte plus the loopback stack, and the four ranks
-of a local cluster spend their cores on them. Here each rank owns one shared segment (a sealed
-memfd, see `shmfd`) and the TCP links carry only two tiny frames per peer per call:
+of a local cluster spend their cores on them. Here each rank owns one shared data segment and
+one control block (sealed memfds, see `shmfd`), and a call needs no TCP frame at all once
+every rank has mapped the others' segments (`shmsync` says how ranks wait for each other):
 
-1. every rank copies its buffer into its segment and tells every peer ("in", with the
-   segment's 64-byte offer, so peers fetch and map it once, and again only when it grows);
-2. the owner of each slice (the same slices as `sliced`) sums that slice straight out of
-   every rank's segment, in rank order, runs `on_slice`, writes the result back into the
-   slice of its own segment, and tells every peer ("out");
-3. every rank copies the other owners' results out of their segments.
+1. every rank copies its buffer into its segment, except its own slice (the same slices as
+   `sliced`), names the call in its control block and says "enter";
+2. the owner of each slice sums it straight out of its own buffer and every peer's segment,
+   in rank order, into its segment (or into its buffer when `on_slice` must see it first),
+   and says "out";
+3. every rank copies the other owners' results out of their segments, and its own.
 
-Each segment has two halves used by alternate calls: a rank rewrites a half only after every
-peer has entered the next call, i.e. has finished reading it. A segment is never a file: a
+A new (grown) segment's 64-byte offer goes to the peers over the authenticated link on the
+call that first uses it; its control block names it, so a peer knows to wait for the offer.
+Each segment has two halves used by alternate calls: a rank rewrites a half only once every
+peer has started a later call or finished the one that used it. A segment is never a file: a
 peer fetches its descriptor from the owner's fd server (an abstract Unix socket, one per
 arena) with the offer's token, checks it (a memfd of the offered size, pages reserved, sealed
 against shrinking and growing) and maps it read-only; only the owner maps its segment
 writable. The owner withdraws a segment from its server as soon as every peer has mapped it
 (after its first call), and the memory goes with the last mapping, so a killed process
 leaves nothing behind. Deadlines, lost peers and mismatches are the operation's, as for every
-other algorithm. `probe` checks once per group that every rank can fetch and map every other
-rank's segment (not so across network namespaces, whose abstract sockets are apart, nor
-between uids); `auto` uses this path only then.
+other algorithm: a peer's control block names its call's descriptor, so two different calls
+fail as a mismatch. `probe` checks once per group that every rank can fetch and map every
+other rank's control block and doorbell (not so across network namespaces, whose abstract
+sockets are apart, nor between uids); `auto` uses this path only then.
 
 Threat model: a segment is served only to a process of this uid that presents the random
 token the owner sent over the authenticated, encrypted link, and no peer input is ever
@@ -37,12 +41,15 @@ import itertools
 import logging
 import mmap
 import os
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from p2pdl import kernels
+from p2pdl.collectives import shmsync
 from p2pdl.collectives.context import ReduceContext
-from p2pdl.collectives.op import Operation
+from p2pdl.collectives.op import SUB_BITS, Operation
 from p2pdl.collectives.plan import plan_slices
 from p2pdl.collectives.shmfd import (
     OFFER_BYTES,
@@ -50,14 +57,33 @@ from p2pdl.collectives.shmfd import (
     Offer,
     check,
     fetch,
+    fetch_all,
     ident_of,
     sealed_memfd,
 )
-from p2pdl.errors import P2PDLError, SharedMemoryError
+from p2pdl.collectives.shmsync import (
+    CURRENT,
+    DONE,
+    ENTER,
+    OFFERED,
+    OUT,
+    PARITY,
+    ControlBlock,
+    Doorbell,
+)
+from p2pdl.errors import CollectiveMismatchError, P2PDLError, SharedMemoryError
 
 log = logging.getLogger("p2pdl.collectives")
 
 _ALIGN = 64
+
+PHASES: list[list[tuple[str, float]]] | None = None
+"""When a list (benchmarks set it), each call appends its phases' `perf_counter` marks."""
+
+
+def _mark(marks: list[tuple[str, float]] | None, name: str) -> None:
+    if marks is not None:
+        marks.append((name, time.perf_counter()))
 
 
 class Segment:
@@ -79,6 +105,11 @@ class Segment:
         self.id = 0
         self.offer = b""
         """This rank's own segment: the bytes its peers are told while it is offered."""
+        self.extra: tuple[int, ...] = ()
+        """Descriptors served with it (a control block's doorbell)."""
+        self.mapped_by: set[int] = set()
+        """This rank's own segment: the peers known to have mapped it (a shared-memory call
+        sends its offer to every peer unless all of its peers are here)."""
         self._server: FdServer | None = None
 
     @property
@@ -91,6 +122,10 @@ class Segment:
         if nbytes > self.half_bytes:
             raise ValueError(f"{self.label} holds {self.half_bytes} bytes per half")
         return np.frombuffer(self._map, dtype=dtype, count=count, offset=parity * self.half_bytes)
+
+    @property
+    def mapping(self) -> mmap.mmap:
+        return self._map
 
     def withdraw(self) -> None:
         """Stop serving this segment's descriptor (every peer that needs it has mapped it)."""
@@ -130,6 +165,19 @@ class ShmArena:
         self.make_fd: Callable[[int], int] = sealed_memfd
         """Makes a segment's memfd of the given size (a test swaps it to play a bad peer)."""
         self._ids = itertools.count(1)
+        self.control: ControlBlock | None = None
+        """This rank's control block (made by the first probe), and its segment and bell."""
+        self.control_segment: Segment | None = None
+        self.bell: Doorbell | None = None
+        self.controls: dict[int, tuple[Segment, ControlBlock]] = {}
+        """Peers' control blocks, mapped read-only by the probe."""
+        self.bells: dict[int, int] = {}
+        """Peers' doorbells (eventfds this rank may only ring)."""
+        self.last_use = [0, 0]
+        """The call (seq) that last wrote each half of this rank's segment."""
+        self.spin_s = 0.0
+        self._bounds: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {}
+        """How long waits poll before sleeping (set per call: only when ranks have cores)."""
 
     def own_segment(self, nbytes: int) -> Segment:
         """This rank's segment with at least `nbytes` per half (a new, larger one if needed),
@@ -159,6 +207,67 @@ class ShmArena:
             old.close()  # (a pending one may still be fetched: `withdraw_pending` closes it)
         return segment
 
+    def bounds(self, size: int, n: int) -> tuple[tuple[int, int], ...]:
+        """Each rank's slice of `size` elements (the plan `sliced` uses), kept per size."""
+        key = (size, n)
+        bounds = self._bounds.get(key)
+        if bounds is None:
+            if len(self._bounds) > 64:
+                self._bounds.clear()
+            bounds = self._bounds[key] = plan_slices(size, n, max(1, size)).slices
+        return bounds
+
+    def own_control(self) -> Segment:
+        """This rank's control block and doorbell, made once and offered to its peers."""
+        segment = self.control_segment
+        if segment is None:
+            self._fd_server()
+            fd = self.make_fd(shmsync.CONTROL_BYTES)
+            try:
+                segment = Segment(fd, shmsync.CONTROL_BYTES, writable=True, label="control")
+                self.bell = Doorbell()
+            except OSError as exc:
+                os.close(fd)
+                raise SharedMemoryError(f"cannot make a control block: {exc}") from None
+            segment.fd = fd
+            segment.id = next(self._ids)
+            segment.extra = (self.bell.fd,)
+            self.control_segment = segment
+            self.control = ControlBlock(segment.mapping)
+        self.offer(segment)
+        return segment
+
+    async def peer_control(self, rank: int, data: bytes, deadline: float) -> None:
+        """Map peer `rank`'s control block (read-only) and keep its doorbell, as its offer
+        `data` names them; ValueError or OSError as for `peer_segment`."""
+        offer = Offer.parse(data)
+        if offer.size != shmsync.CONTROL_BYTES:
+            raise ValueError(f"a control block is {shmsync.CONTROL_BYTES} bytes, not {offer.size}")
+        fds = await fetch_all(offer, deadline, 2)
+        try:  # nothing awaits from here on: the descriptors are closed whatever happens
+            check(fds[0], offer.size)
+            if os.readlink(f"/proc/self/fd/{fds[1]}") != "anon_inode:[eventfd]":
+                raise ValueError("its doorbell is not an eventfd")
+            segment = Segment(fds[0], offer.size, writable=False, label=f"rank {rank}'s control")
+        except BaseException:
+            os.close(fds[1])
+            raise
+        finally:
+            os.close(fds[0])
+        segment.ident = offer.ident
+        self.drop_control(rank)
+        self.controls[rank] = (segment, ControlBlock(segment.mapping))
+        self.bells[rank] = fds[1]
+
+    def drop_control(self, rank: int) -> None:
+        old = self.controls.pop(rank, None)
+        if old is not None:
+            old[1].release()
+            old[0].close()
+        bell = self.bells.pop(rank, None)
+        if bell is not None:
+            os.close(bell)
+
     def _fd_server(self) -> FdServer:
         if self.server is None:
             try:
@@ -172,7 +281,7 @@ class ShmArena:
         (new peers need one to fetch it)."""
         if not segment.offered:
             server = self._fd_server()
-            offer = server.offer(segment.id, segment.fd, segment.size)
+            offer = server.offer(segment.id, segment.fd, segment.size, segment.extra)
             segment.offer, segment.ident = offer.pack(), offer.ident
             segment._server = server
         return segment.offer
@@ -226,6 +335,20 @@ class ShmArena:
         for segment in self.peers.values():
             segment.close()
         self.peers.clear()
+        for rank in list(self.controls):
+            self.drop_control(rank)
+        for rank in list(self.bells):
+            self.drop_control(rank)
+        if self.control is not None:
+            self.control.release()
+            self.control = None
+        if self.control_segment is not None:
+            self.control_segment.close()
+            self.control_segment = None
+        if self.bell is not None:
+            self.bell.close()
+            self.bell = None
+        self.last_use = [0, 0]
         if self.server is not None:
             self.server.close()
             self.server = None
@@ -233,16 +356,17 @@ class ShmArena:
 
 async def probe(op: Operation, arena: ShmArena, members: Sequence[int] | None = None) -> bool:
     """Every rank of `members` (all ranks by default) fetches and maps every other member's
-    segment; True on each of them iff all of them could. Ranks outside `members` take part
-    in the operation (it keeps every rank's operation count) but exchange nothing."""
+    control block and doorbell; True on each of them iff all of them could. Ranks outside
+    `members` take part in the operation (it keeps every rank's operation count) but
+    exchange nothing."""
     group = list(range(op.world_size)) if members is None else list(members)
     peers = [p for p in group if p != op.rank]
     if op.rank not in group or not peers:
         return False
     try:
-        offer = arena.offer(arena.own_segment(_ALIGN))
+        offer = arena.offer(arena.own_control())
     except (OSError, SharedMemoryError) as exc:
-        log.info("rank %d cannot offer a shared segment: %s", op.rank, exc)
+        log.info("rank %d cannot offer a shared control block: %s", op.rank, exc)
         offer = b""
     offers = [op.recv(p, 0, None) for p in peers]
     for p in peers:
@@ -251,9 +375,9 @@ async def probe(op: Operation, arena: ShmArena, members: Sequence[int] | None = 
     for p, arrival in zip(peers, offers, strict=True):
         _header, payload = await arrival
         try:
-            await arena.peer_segment(p, bytes(payload), op.deadline)
+            await arena.peer_control(p, bytes(payload), op.deadline)
         except (OSError, ValueError) as exc:
-            log.info("rank %d cannot map rank %d's shared segment: %s", op.rank, p, exc)
+            log.info("rank %d cannot map rank %d's shared control block: %s", op.rank, p, exc)
             mapped = False
     verdicts = [op.recv(p, 1, None) for p in peers]
     for p in peers:
@@ -262,8 +386,8 @@ async def probe(op: Operation, arena: ShmArena, members: Sequence[int] | None = 
     for arrival in verdicts:
         _header, payload = await arrival
         everyone = everyone and bytes(payload) == b"\x01"
-    if arena.own is not None and everyone:
-        arena.own.withdraw()  # every peer has mapped it
+    if arena.control_segment is not None and everyone:
+        arena.control_segment.withdraw()  # every peer has mapped it
     return everyone
 
 
@@ -273,46 +397,197 @@ async def allreduce_shm(ctx: ReduceContext, arena: ShmArena) -> None:
         await _allreduce_shm(ctx, arena)
 
 
+class _Call:
+    """One shared-memory call on one rank: its sequence number and how it waits."""
+
+    def __init__(self, ctx: ReduceContext, arena: ShmArena) -> None:
+        control, bell = arena.control, arena.bell
+        if control is None or bell is None or len(arena.controls) < len(ctx.peers):
+            raise P2PDLError("shared memory was not probed between these ranks")
+        self.op = ctx.op
+        self.arena = arena
+        self.control = control
+        self.bell = bell
+        self.seq = (ctx.op.base >> SUB_BITS) + 1
+        self.peers = ctx.peers
+        self.blocks = {p: arena.controls[p][1] for p in self.peers}
+        self.rings = [arena.bells[p] for p in self.peers]
+        self.spin_s = arena.spin_s
+
+    def say(self, word: int) -> None:
+        self.control.set(word, self.seq)
+        shmsync.ring(self.rings)
+
+    async def until(self, word: int) -> None:
+        """Until every peer has said `word` for this call (an error if one moved past it
+        without), within the call's deadline."""
+        seq = self.seq
+        if not all(block.words[word] >= seq for block in self.blocks.values()):
+            ready = {
+                p: (lambda b=block: b[word] >= seq or b[CURRENT] > seq)
+                for p, block in self.blocks.items()
+            }
+            await shmsync.wait_until(self.op, self.bell, ready, self.spin_s)
+        for p, block in self.blocks.items():
+            if block[word] < seq:
+                raise P2PDLError(
+                    f"{self.op.name}: rank {p} left shared-memory call {seq} for call "
+                    f"{block[CURRENT]} before it was done"
+                )
+
+    async def reusable(self, parity: int) -> None:
+        """Until no peer can still read half `parity` of this rank's segment."""
+        last = self.arena.last_use[parity]
+        if last and not all(
+            b.words[CURRENT] > last or b.words[DONE] >= last for b in self.blocks.values()
+        ):
+            ready = {
+                p: (lambda b=block: b[CURRENT] > last or b[DONE] >= last)
+                for p, block in self.blocks.items()
+            }
+            await shmsync.wait_until(self.op, self.bell, ready, self.spin_s)
+        self.arena.last_use[parity] = self.seq
+
+
 async def _allreduce_shm(ctx: ReduceContext, arena: ShmArena) -> None:
-    op, buf = ctx.op, ctx.buf
-    n, rank, peers = ctx.world_size, ctx.rank, ctx.peers
+    arena.spin_s = shmsync.SPIN_S if ctx.world_size <= shmsync.cores() else 0.0
+    call = _Call(ctx, arena)
     parity = arena.calls % 2
     arena.calls += 1
-    own = arena.own_segment(buf.nbytes)
+    call.say(CURRENT)
+    try:
+        await _steps(ctx, arena, call, parity)
+    finally:
+        call.say(DONE)
+
+
+async def _steps(ctx: ReduceContext, arena: ShmArena, call: _Call, parity: int) -> None:
+    op, buf = ctx.op, ctx.buf
+    n, rank, peers = ctx.world_size, ctx.rank, ctx.peers
+    marks: list[tuple[str, float]] | None = None
+    if PHASES is not None:
+        marks = [("start", time.perf_counter())]
+        PHASES.append(marks)
+    own = arena.own_segment(buf.nbytes)  # SharedMemoryError here: nothing touched yet
     mine = own.half(parity, buf.dtype, buf.size)
-    # Receives first: a peer's frames find their futures whatever this coroutine is doing.
-    entered = [op.recv(p, 0, None) for p in peers]
-    reduced = [op.recv(p, 1, None) for p in peers]
-    await ctx.compute.run(buf.nbytes, lambda: np.copyto(mine, buf))
-    offer = memoryview(own.offer)
-    for p in peers:
-        await op.send(p, 0, offer)
-    theirs: dict[int, np.ndarray] = {rank: mine}
-    for p, arrival in zip(peers, entered, strict=True):
-        _header, payload = await arrival
-        try:
-            segment = await arena.peer_segment(p, bytes(payload), op.deadline)
-            theirs[p] = segment.half(parity, buf.dtype, buf.size)
-        except (OSError, ValueError) as exc:
-            raise P2PDLError(f"rank {rank} cannot map rank {p}'s shared segment: {exc}") from None
+    # The same slices as `sliced` and reduce_scatter/allgather: an owner's optimizer state
+    # covers the same range whichever of them ran.
+    bounds = arena.bounds(buf.size, n)
+    lo, hi = bounds[rank]
+    await call.reusable(parity)
+    _mark(marks, "setup")
+
+    def copy_in() -> None:  # this rank's own slice is summed straight from `buf`
+        np.copyto(mine[:lo], buf[:lo])
+        np.copyto(mine[hi:], buf[hi:])
+
+    await ctx.compute.run(buf.nbytes, copy_in)
+    _mark(marks, "copy-in")
+    # A segment some peer has not mapped (new, grown, or mapped only by the members of a
+    # hierarchical call) is offered again to every peer on this call, and the control block
+    # says so: each peer then takes the offer frame, whether or not it needs it.
+    offering = not own.mapped_by.issuperset(peers)
+    if offering:
+        offer = memoryview(arena.offer(own))
+        for p in peers:
+            await op.send(p, 0, offer)
+    call.control.enter(call.seq, parity, own.ident, op.descriptor.encode(), offered=offering)
+    shmsync.ring(call.rings)
+    await call.until(ENTER)
+    _mark(marks, "wait-enter")
+    theirs: dict[int, np.ndarray] = {}
+    for p, block in call.blocks.items():
+        theirs_desc = block.descriptor()
+        if theirs_desc != op.descriptor:
+            raise CollectiveMismatchError(
+                op.name,
+                f"rank {p} called {theirs_desc}, rank {rank} called {op.descriptor}",
+                [p, rank],
+            )
+        theirs[p] = await _peer_half(op, arena, p, block, buf)
     # Single-threaded kernels: every rank sums its own slice at the same time, so the
     # cores are busy already (Numba's pool on top only oversubscribes them).
     ctx.chunk_elems = max(ctx.chunk_elems, buf.size)
-    # The same slices as `sliced` and reduce_scatter/allgather: an owner's optimizer state
-    # covers the same range whichever of them ran.
-    bounds = plan_slices(buf.size, n, max(1, buf.size)).slices
-    lo, hi = bounds[rank]
     if hi > lo:
-        await ctx.reduce_chunk(buf[lo:hi], [theirs[p][lo:hi] for p in range(n)], final=True)
-        await ctx.finish_slice(lo, hi)
-        result, shared = buf[lo:hi], mine[lo:hi]
-        await ctx.compute.run(result.nbytes, lambda: np.copyto(shared, result))
-    for p in peers:
-        await op.send(p, 1)
-    for p, arrival in zip(peers, reduced, strict=True):
-        await arrival
-        a, b = bounds[p]
-        if b > a:
-            source, target = theirs[p][a:b], buf[a:b]
-            await ctx.compute.run(target.nbytes, lambda s=source, t=target: np.copyto(t, s))
-    own.withdraw()  # every peer has mapped it (they said "out" after mapping)
+        if ctx.on_slice is not None:  # it must see (and may change) the result in `buf`
+            result = buf[lo:hi]
+            sources = [result if p == rank else theirs[p][lo:hi] for p in range(n)]
+            await ctx.reduce_chunk(result, sources, final=True)
+            await ctx.finish_slice(lo, hi)
+            shared = mine[lo:hi]
+            await ctx.compute.run(result.nbytes, lambda: np.copyto(shared, result))
+        else:
+            sources = [buf[lo:hi] if p == rank else theirs[p][lo:hi] for p in range(n)]
+            if buf.nbytes < SMALL_BYTES and ctx.plain_sum:
+                _sum_small(mine[lo:hi], sources, ctx.final_scale())
+            else:
+                await ctx.reduce_chunk(mine[lo:hi], sources, final=True)
+    _mark(marks, "reduce")
+    call.say(OUT)
+
+    def copy_own() -> None:
+        if ctx.on_slice is None:
+            np.copyto(buf[lo:hi], mine[lo:hi])
+
+    def copy_theirs() -> None:
+        for p in peers:
+            a, b = bounds[p]
+            np.copyto(buf[a:b], theirs[p][a:b])
+
+    if buf.nbytes >= ctx.compute.inline_bytes:
+        # This rank's own result first, while the other owners finish theirs.
+        await ctx.compute.run(buf.nbytes, copy_own)
+        _mark(marks, "copy-own")
+        await call.until(OUT)
+        _mark(marks, "wait-out")
+        await ctx.compute.run(buf.nbytes, copy_theirs)
+    else:  # small: no thread hop, and the wait is short
+        copy_own()
+        _mark(marks, "copy-own")
+        await call.until(OUT)
+        _mark(marks, "wait-out")
+        copy_theirs()
+    _mark(marks, "copy-out")
+    own.mapped_by.update(peers)  # each said "out" after mapping it
+    own.withdraw()
+
+
+SMALL_BYTES = 64 * 1024
+"""Below this a plain float sum (`ReduceContext.plain_sum`) adds with NumPy's ufuncs (~1 µs a
+call) rather than the kernels (~5 µs of dispatch): the same additions in the same order, so
+the same bits. Other ops and dtypes take the kernels whatever the size."""
+
+
+def _sum_small(dst: np.ndarray, sources: list[np.ndarray], scale: float | None) -> None:
+    """dst = ((s0 + s1) + s2) + ..., then the mean's scale (by the kernel: same rounding).
+    Overflow gives inf, as in the kernels, without NumPy's warning."""
+    with np.errstate(all="ignore"):
+        np.add(sources[0], sources[1], out=dst)
+        for source in sources[2:]:
+            np.add(dst, source, out=dst)
+    if scale is not None:
+        kernels.scale_(dst, scale)
+
+
+async def _peer_half(
+    op: Operation, arena: ShmArena, p: int, block: ControlBlock, buf: np.ndarray
+) -> np.ndarray:
+    """Half of peer `p`'s segment that its control block names for this call, mapped (and
+    fetched first, with the offer it sent on this call, when it is new to this rank)."""
+    ident = block.ident()
+    segment = arena.peers.get(p)
+    if block[OFFERED] == (op.base >> SUB_BITS) + 1:  # it sent its offer on this call
+        _header, payload = await op.recv(p, 0, None, limit=OFFER_BYTES)
+        if segment is None or segment.ident != ident:
+            try:
+                segment = await arena.peer_segment(p, bytes(payload), op.deadline)
+            except (OSError, ValueError) as exc:
+                raise P2PDLError(
+                    f"rank {op.rank} cannot map rank {p}'s shared segment: {exc}"
+                ) from None
+    if segment is None or segment.ident != ident:
+        raise P2PDLError(
+            f"rank {p} names a shared segment that rank {op.rank} has not mapped, and sent "
+            "no offer for it"
+        )
+    return segment.half(block[PARITY] & 1, buf.dtype, buf.size)

@@ -156,7 +156,7 @@ class FdServer:
         self.id = secrets.token_bytes(SERVER_ID_BYTES)
         self.address = address_of(self.id)
         self._uid = os.geteuid()
-        self._offers: dict[int, tuple[int, bytes]] = {}
+        self._offers: dict[int, tuple[tuple[int, ...], bytes]] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
         sock = _socket()
@@ -171,12 +171,12 @@ class FdServer:
         self._thread = threading.Thread(target=self._serve, name="p2pdl-shm-fds", daemon=True)
         self._thread.start()
 
-    def offer(self, segment: int, fd: int, size: int) -> Offer:
+    def offer(self, segment: int, fd: int, size: int, extra: tuple[int, ...] = ()) -> Offer:
         """Serve `fd` as `segment` under a fresh token (the caller keeps `fd` open until
-        it calls `withdraw`)."""
+        it calls `withdraw`); `extra` descriptors go with it (a control block's doorbell)."""
         token = secrets.token_bytes(TOKEN_BYTES)
         with self._lock:
-            self._offers[segment] = (fd, token)
+            self._offers[segment] = ((fd, *extra), token)
         return Offer(self.id, segment, size, token)
 
     def withdraw(self, segment: int) -> None:
@@ -234,17 +234,18 @@ class FdServer:
         with self._lock:
             entry = self._offers.get(segment)
             granted = entry is not None and hmac.compare_digest(entry[1], token)
-            fd = os.dup(entry[0]) if entry is not None and granted else -1
-        if fd < 0:
+            fds = [os.dup(fd) for fd in entry[0]] if entry is not None and granted else []
+        if not fds:
             log.info(
                 "shared-memory fd server: refused segment %d (withdrawn or wrong token)", segment
             )
             _refuse(conn, "no such segment, or a wrong token")
             return
         try:
-            socket.send_fds(conn, [_GRANTED], [fd])
+            socket.send_fds(conn, [_GRANTED], fds)
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
 
 
 def _refuse(conn: socket.socket, reason: str) -> None:
@@ -253,11 +254,18 @@ def _refuse(conn: socket.socket, reason: str) -> None:
 
 
 async def fetch(offer: Offer, deadline: float) -> int:
-    """The descriptor `offer` names, from its owner's server, by `deadline` (loop time).
+    """The descriptor `offer` names, from its owner's server, by `deadline` (loop time);
+    see `fetch_all`."""
+    return (await fetch_all(offer, deadline, 1))[0]
+
+
+async def fetch_all(offer: Offer, deadline: float, count: int) -> list[int]:
+    """The `count` descriptors `offer` names, from its owner's server, by `deadline`.
 
     Never blocks the loop: connect, send and receive wait on the loop. Raises OSError (not
     reachable: another network namespace, a dead owner; TimeoutError) or ValueError
-    (refused, or the server is not this uid's). The caller owns the returned fd.
+    (refused, or the server is not this uid's, or sent another number of descriptors).
+    The caller owns the returned fds.
     """
     loop = asyncio.get_running_loop()
     sock = _socket()
@@ -275,14 +283,14 @@ async def fetch(offer: Offer, deadline: float) -> int:
             message, fds, flags = await _receive(loop, sock)
     finally:
         sock.close()
-    if flags & socket.MSG_CTRUNC or message[:1] != _GRANTED or len(fds) != 1:
+    if flags & socket.MSG_CTRUNC or message[:1] != _GRANTED or len(fds) != count:
         for fd in fds:
             os.close(fd)
         if message[:1] == _REFUSED:
             reason = message[1:200].decode("utf-8", "replace")
             raise ValueError(f"its fd server refused: {reason}")
-        raise ValueError("its fd server sent no single descriptor")
-    return fds[0]
+        raise ValueError(f"its fd server sent {len(fds)} descriptors, not {count}")
+    return fds
 
 
 async def _receive(
@@ -296,7 +304,7 @@ async def _receive(
         if arrived.done():
             return
         try:
-            message, fds, flags, _ = socket.recv_fds(sock, 256, 1, socket.MSG_CMSG_CLOEXEC)
+            message, fds, flags, _ = socket.recv_fds(sock, 256, 4, socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:

@@ -363,6 +363,11 @@ class Node:
         await self.collectives.recv(array, src, tag=tag, timeout=timeout)
         return array
 
+    async def recv_any(self, array: Any, *, tag: int = 0, timeout: float | None = None) -> int:
+        """Receive into `array` the next message of whichever rank's arrives first (same
+        tag, size and dtype); returns the sender's rank."""
+        return await self.collectives.recv_any(array, tag=tag, timeout=timeout)
+
     def subgroup(self, ranks: Sequence[int]) -> Collectives | OutsideGroup:
         """Collectives over `ranks` of the current session (see `Collectives.subgroup`)."""
         return self.collectives.subgroup(ranks)

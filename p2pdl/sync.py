@@ -195,6 +195,10 @@ class SyncNode:
     def recv(self, array: Any, src: int, **kwargs: Any) -> Any:
         return self._call(self.node.recv(array, src, **kwargs), kwargs.get("timeout"))
 
+    def recv_any(self, array: Any, **kwargs: Any) -> int:
+        """Blocking `Node.recv_any`: the sender's rank."""
+        return self._call(self.node.recv_any(array, **kwargs), kwargs.get("timeout"))
+
     def subgroup(self, ranks: Any) -> SyncGroup:
         """A blocking view of `Node.subgroup(ranks)` (made on the loop, like every call)."""
 
@@ -319,6 +323,9 @@ class SyncGroup:
 
     def recv(self, array: Any, src: int, **kwargs: Any) -> None:
         self._blocking("recv", array, src, **kwargs)
+
+    def recv_any(self, array: Any, **kwargs: Any) -> int:
+        return self._blocking("recv_any", array, **kwargs)
 
     def subgroup(self, ranks: Any) -> SyncGroup:
         async def make() -> Any:

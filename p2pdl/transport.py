@@ -547,6 +547,10 @@ class Link(asyncio.BufferedProtocol):
                 self._reader.discard()
                 self._resume_reading()
 
+    def unguard(self, check: HeaderCheck) -> None:
+        """Stop checking frames with `check` (a watch that is over; the range stays open)."""
+        self._guards = [g for g in self._guards if g[2] is not check]
+
     def _is_retired(self, tag: int) -> bool:
         # Every finished operation retires its range, so this runs for every frame that
         # arrives before its receive is posted: a bisect, not a scan over 256 ranges.

@@ -938,3 +938,37 @@ def test_send_recv_in_order_any_dtype_and_mismatches_fail() -> None:
             assert np.array_equal(got, small)
 
     run(body())
+
+
+def test_recv_any_takes_whichever_rank_sends_first_and_keeps_each_ranks_order() -> None:
+    async def body() -> None:
+        async with make_cluster(3, chunk_bytes=64 * 1024) as nodes:
+            c0, c1, c2 = (node.collectives for node in nodes)
+            one, two = np.full(5, 1.0, np.float32), np.full(5, 2.0, np.float32)
+            got = np.zeros(5, np.float32)
+            # Only rank 2 sends: the receive from any rank takes its message.
+            src, _ = await asyncio.gather(c0.recv_any(got), c2.send(two, 0))
+            assert src == 2 and np.all(got == 2.0)
+            # Rank 1's message is already here (kept early) before the receive is posted.
+            await c1.send(one, 0)
+            assert await c0.recv_any(got) == 1 and np.all(got == 1.0)
+            # A large message (read paused, not kept early) is found too, and each rank's
+            # messages still come in its order: 2's first, then 2's second.
+            big = np.arange(300_000, dtype=np.float32)
+            landed = np.zeros_like(big)
+            sends = asyncio.gather(c2.send(big, 0), c2.send(big + 1, 0))
+            assert await c0.recv_any(landed) == 2 and np.array_equal(landed, big)
+            assert await c0.recv_any(landed) == 2 and np.array_equal(landed, big + 1)
+            await sends
+            # Another tag at the head of a rank's messages keeps that rank out: rank 1's
+            # tag-7 message waits for a receive with tag 7, rank 2's tag 0 is taken.
+            await c1.send(one, 0, tag=7)
+            src, _ = await asyncio.gather(c0.recv_any(got), c2.send(two, 0))
+            assert src == 2 and np.all(got == 2.0)
+            assert await c0.recv_any(got, tag=7) == 1 and np.all(got == 1.0)
+            # Nobody sends: the deadline names the ranks it waited for.
+            with pytest.raises(CollectiveTimeoutError) as info:
+                await c0.recv_any(got, timeout=0.2)
+            assert set(info.value.missing) == {1, 2}
+
+    run(body())

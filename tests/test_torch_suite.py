@@ -69,6 +69,7 @@ SELECTION: dict[str, list[str]] = {
     ],
     "point to point": [
         "test_send_recv",
+        "test_send_recv_any_source",
         "test_send_recv_with_tag",
         "test_isend",
         "test_irecv",

@@ -32,7 +32,7 @@ from p2pdl.collectives.dtypes import (
 from p2pdl.collectives.exchange import EMPTY, HELLO_SUB, move, reduce_from, with_verdicts
 from p2pdl.collectives.groups import GroupKey, GroupRegistry, SubGroup, check_ranks
 from p2pdl.collectives.hierarchical import allreduce_hierarchical, host_groups, worth_it
-from p2pdl.collectives.op import Group, Operation
+from p2pdl.collectives.op import SUB_BITS, Group, Operation
 from p2pdl.collectives.p2p import Sequences, p2p_base, recv_bytes, send_bytes
 from p2pdl.collectives.plan import SlicePlan, plan_slices
 from p2pdl.collectives.ring import allreduce_ring
@@ -40,7 +40,7 @@ from p2pdl.collectives.shm import ShmArena, allreduce_shm, probe
 from p2pdl.collectives.sliced import allgather_slices, allreduce_sliced, reduce_scatter
 from p2pdl.collectives.small import allreduce_direct, barrier, broadcast
 from p2pdl.config import DEFAULT_CHUNK_BYTES
-from p2pdl.errors import P2PDLError, SharedMemoryError
+from p2pdl.errors import CollectiveTimeoutError, P2PDLError, PeerLostError, SharedMemoryError
 
 log = logging.getLogger("p2pdl.collectives")
 
@@ -164,6 +164,15 @@ def deadline_of(timeout: float | None, default: float) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
         raise ValueError(f"timeout must be a number >= 0 or None, got {timeout!r}")
     return asyncio.get_running_loop().time() + float(timeout)
+
+
+def deadline_timeout(deadline: float) -> float:
+    """How long a call with this loop-time deadline was given, as of now (for messages)."""
+    return max(0.0, deadline - asyncio.get_running_loop().time())
+
+
+def _ignore(_error: P2PDLError) -> None:
+    """A watch drops nothing and reports nothing: the receive that follows checks frames."""
 
 
 class Collectives:
@@ -569,6 +578,54 @@ class Collectives:
         data = as_buffer(array, "the receive buffer").bytes()
         operation = self._message(data, tag, timeout, src, sending=False)
         await operation.run(lambda: recv_bytes(operation, data, src, self.chunk_bytes))
+
+    async def recv_any(self, array: Any, *, tag: int = 0, timeout: float | None = None) -> int:
+        """Receive into `array` the next message of whichever rank's arrives first among
+        those with this tag, size and dtype; returns that rank (MPI's any-source receive).
+
+        Each peer's messages are still taken in its order: a peer's next message is watched
+        (as its first frame arrives, before any receive is posted for it); the first that
+        matches is then received as `recv(array, src)` would, under the same deadline.
+        Another message that a peer sends first (another tag or size) keeps that peer out.
+        """
+        data = as_buffer(array, "the receive buffer").bytes()
+        descriptor = _p2p_descriptor(data, tag)
+        deadline = self.deadline(timeout)
+        given = deadline_timeout(deadline)
+        rank, n = self.group.rank, self.group.world_size
+        peers = [p for p in range(n) if p != rank]
+        if not peers:
+            raise ValueError("a receive from any rank needs another rank in the group")
+        tags = getattr(self.group, "tags", None)
+        base_of = p2p_base if tags is None else tags.p2p_base
+        first: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        watches = []
+        for peer in peers:
+            link = self.group.link(peer)
+            if link.lost is not None:
+                continue
+            base = base_of(peer, rank, self.sequences.peek_recv(peer))
+
+            def seen(header: dict[str, Any], _size: int, peer: int = peer) -> None:
+                if header.get("d") == descriptor and not first.done():
+                    first.set_result(peer)
+
+            link.guard(base, base + (1 << SUB_BITS), seen, _ignore)
+            watches.append((link, seen))
+        try:
+            if not watches:
+                raise PeerLostError(peers, "every other rank has left", operation="recv")
+            try:
+                async with asyncio.timeout_at(deadline):
+                    src = await first
+            except TimeoutError:
+                raise CollectiveTimeoutError("recv", given, peers, detail="from any rank") from None
+        finally:
+            for link, seen in watches:
+                link.unguard(seen)
+        left = max(0.0, deadline - asyncio.get_running_loop().time())
+        await self.recv(array, src, tag=tag, timeout=left)
+        return src
 
     def _message(
         self, data: np.ndarray, tag: int, timeout: float | None, peer: int, *, sending: bool

@@ -1,8 +1,10 @@
 """Point-to-point messages: `send` to one rank, `recv` from one rank, matched in order.
 
-The k-th message rank s sends to rank d is received by d's k-th `recv` from s (MPI's
-non-overtaking rule, without wildcards); the user's `tag` travels in the descriptor, so a
-send and a receive that disagree on the tag, size or dtype fail as a mismatch on both sides.
+The k-th message rank s sends to rank d is received by d's k-th receive from s (MPI's
+non-overtaking rule); a receive from any rank takes the next message of whichever rank's
+arrives first among those with the same tag, size and dtype. The user's `tag` travels in the
+descriptor, so a send and a receive that disagree on the tag, size or dtype fail as a
+mismatch on both sides.
 Point-to-point messages take no collective operation number: only the two ranks call them.
 
 Tags: message k from s to d owns `[base, base + 2**24)` with
@@ -49,6 +51,10 @@ class Sequences:
         seq = self._received[src]
         self._received[src] += 1
         return seq
+
+    def peek_recv(self, src: int) -> int:
+        """The sequence number `next_recv(src)` will return (a receive from any rank)."""
+        return self._received[src]
 
 
 async def send_bytes(op: Operation, data: np.ndarray, dst: int, chunk_bytes: int) -> None:

@@ -103,3 +103,29 @@ def test_allreduce_bench_runs_encrypted_and_plain_side_by_side() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "p2pdl/sliced-plain" in done.stdout and "p2pdl/sliced " in done.stdout
+
+
+def test_allreduce_bench_times_the_sync_facade_and_breaks_shm_calls_into_phases(
+    tmp_path,
+) -> None:
+    import json
+
+    out = tmp_path / "phases.json"
+    done = _bench(
+        "allreduce", "--nodes", "2", "--sizes", "4K,256K", "--algorithms", "shm,shm-sync",
+        "--compression", "none", "--compare", "none", "--repeat", "5", "--warmup", "1",
+        "--phases", "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "where a shared-memory call's time goes" in done.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["algorithm"], r["size"]) for r in rows} == {
+        (a, s) for a in ("shm", "shm-sync") for s in (4096, 262144)
+    }
+    for row in rows:
+        assert row["correct"], row
+        phases = row["phases_ms"]
+        # Every phase of the call was seen, and the phases fit in the call's time.
+        assert {"before", "copy-in", "wait-enter", "reduce", "copy-out", "after"} <= set(phases)
+        assert all(v >= 0 for v in phases.values())
+        assert phases["copy-in"] + phases["reduce"] <= phases["total"]

@@ -16,6 +16,7 @@ rounding when compressed).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -47,8 +48,12 @@ KNOWN_ALGORITHMS = (
 """`hierarchical-loopback`: the hierarchical allreduce with its phases within a host forced
 onto loopback TCP instead of shared memory (for comparison; needs --host-layout). Any of
 them with `-plain` (e.g. `sliced-plain`) runs on a second cluster of the same ranks with
-`encryption=False`, for encrypted-vs-plain ratios in one run."""
+`encryption=False`, for encrypted-vs-plain ratios in one run; with `-sync` (e.g. `auto-sync`)
+on a third cluster driven through the blocking facade (`SyncNode`, the loop in its own thread,
+as `p2pdl.connect()` gives users), called from the worker's main thread."""
 PLAIN = "-plain"
+SYNC = "-sync"
+SUFFIXES = (PLAIN, SYNC)
 UNCOMPRESSED_ONLY = ("shm", "driver", "tree")
 """Algorithms that send full precision only (shm sends nothing): no compressed variants."""
 KNOWN_COMPRESSIONS = ("none", "bf16", "fp16")
@@ -56,13 +61,18 @@ KNOWN_PEERS = ("gloo", "mpi")
 UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1 << 20, "MB": 1 << 20}
 UNITS.update({"MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30})
 
-# Targets: (nodes, size in bytes or None for every size, compression, max p2pdl/gloo ratio).
+# Targets: (nodes, size in bytes or None for every size, compression, max p2pdl/peer ratio).
 TARGETS = (
     (2, 4 << 10, "none", 0.2),
     (2, 1 << 20, "none", 0.7),
     (2, 64 << 20, "none", 0.8),
     (2, 64 << 20, "bf16", 0.5),
     (4, None, "none", 0.9),
+)
+MPI_TARGETS = (
+    (None, 4 << 10, "none", 4.0),
+    (None, 1 << 20, "none", 1.5),
+    (None, 64 << 20, "none", 1.0),
 )
 
 
@@ -161,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="rotate",
         help="order of the libraries within a repeat (rotate: shift by one each repeat)",
     )
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="also record where each shared-memory call spends its time (per phase)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -181,7 +196,9 @@ class Config:
     order: str = "rotate"
     leader_port: int = 0
     plain_port: int = 0
+    sync_port: int = 0
     gloo_port: int = 0
+    phases: bool = False
     secret: str = ""
     out: str = ""
     mpi: bool = False
@@ -214,7 +231,7 @@ def parse_config(args: argparse.Namespace) -> Config:
                 f"--host-layout needs one non-empty label per rank ({args.nodes}), "
                 f"got {args.host_layout!r}"
             )
-    known = (*KNOWN_ALGORITHMS, *(a + PLAIN for a in KNOWN_ALGORITHMS))
+    known = (*KNOWN_ALGORITHMS, *(a + x for a in KNOWN_ALGORITHMS for x in SUFFIXES))
     algorithms = _choices(args.algorithms, known, "algorithms")
     if layout is None and any(a.startswith("hierarchical") for a in algorithms):
         raise UsageError("the hierarchical algorithms need --host-layout (e.g. a,a,b,b)")
@@ -232,17 +249,25 @@ def parse_config(args: argparse.Namespace) -> Config:
         sockbuf=args.sockbuf,
         gc=args.gc,
         order=args.order,
+        phases=args.phases,
     )
 
 
 # --------------------------------------------------------------------------- worker
+def _base(algorithm: str) -> str:
+    """The algorithm a variant runs (without -plain / -sync)."""
+    for suffix in SUFFIXES:
+        algorithm = algorithm.removesuffix(suffix)
+    return algorithm
+
+
 def _variants(cfg: Config) -> list[tuple[str, str, str]]:
     """(library, algorithm, compression) in the order each repeat runs them."""
     out = [
         ("p2pdl", a, c)
         for a in cfg.algorithms
         for c in cfg.compressions
-        if not (a.removesuffix(PLAIN) in UNCOMPRESSED_ONLY and c != "none")
+        if not (_base(a) in UNCOMPRESSED_ONLY and c != "none")
     ]
     if "gloo" in cfg.compare:
         out.append(("gloo", "-", "none"))
@@ -287,6 +312,15 @@ async def _worker(cfg: Config) -> None:
             return Node(world_size=world, host="127.0.0.1", port=port, **kwargs, **extra)
         return Node(rank, leader=("127.0.0.1", port), **kwargs, **extra)
 
+    sync = None
+    if any(a.endswith(SYNC) for a in cfg.algorithms):
+        from p2pdl.sync import SyncNode
+
+        # Formed before the async clusters, in the same order on every rank: the blocking
+        # start holds this thread, and the peers' handshakes wait in the listen backlog.
+        sync = SyncNode(lambda: make(cfg.sync_port))
+    from p2pdl.collectives import shm as shm_module
+
     node = make(cfg.leader_port)
     plain = (
         make(cfg.plain_port, encryption=False)
@@ -298,6 +332,20 @@ async def _worker(cfg: Config) -> None:
         bufs: SimpleNamespace, library: str, algorithm: str, compression: str
     ) -> tuple[float, float]:
         """(wall seconds, CPU seconds of this process, all threads) of one call."""
+        if library == "p2pdl" and algorithm.endswith(SYNC):
+            assert sync is not None
+            np.copyto(bufs.buf, bufs.src)
+            sync.barrier()
+            marks = _start_phases(cfg, shm_module)
+            c0, t0 = time.process_time(), time.perf_counter()
+            sync.allreduce(
+                bufs.buf,
+                algorithm=_base(algorithm),
+                compression=None if compression == "none" else compression,
+            )
+            elapsed = time.perf_counter() - t0, time.process_time() - c0
+            _keep_phases(bufs, (library, algorithm, compression), marks, t0, elapsed[0])
+            return elapsed
         if library == "p2pdl":
             on = plain if algorithm.endswith(PLAIN) else node
             assert on is not None
@@ -308,6 +356,7 @@ async def _worker(cfg: Config) -> None:
             if algorithm == "hierarchical-loopback" and arena is not None:
                 arena.host_usable = False  # every rank alike: phases 1 and 3 over loopback
             await on.barrier()
+            marks = _start_phases(cfg, shm_module)
             c0, t0 = time.process_time(), time.perf_counter()
             await on.allreduce(
                 bufs.buf,
@@ -315,6 +364,7 @@ async def _worker(cfg: Config) -> None:
                 compression=None if compression == "none" else compression,
             )
             elapsed = time.perf_counter() - t0, time.process_time() - c0
+            _keep_phases(bufs, (library, algorithm, compression), marks, t0, elapsed[0])
             if algorithm == "hierarchical-loopback" and arena is not None:
                 arena.host_usable = kept
             return elapsed
@@ -365,7 +415,7 @@ async def _worker(cfg: Config) -> None:
             buf = np.empty_like(src)
             gbuf = torch.from_numpy(np.empty_like(src)) if dist is not None else None
             mbuf = np.empty_like(src) if comm is not None else None
-            bufs = SimpleNamespace(src=src, buf=buf, gbuf=gbuf, mbuf=mbuf)
+            bufs = SimpleNamespace(src=src, buf=buf, gbuf=gbuf, mbuf=mbuf, phases=None)
 
             for _ in range(cfg.warmup):
                 for variant in variants:
@@ -381,8 +431,11 @@ async def _worker(cfg: Config) -> None:
                 if library != "p2pdl":
                     continue
                 await call(bufs, library, algorithm, compression)
-                on = plain if algorithm.endswith(PLAIN) and plain is not None else node
-                chosen = on.collectives.last_algorithm
+                if algorithm.endswith(SYNC) and sync is not None:
+                    chosen = sync.node.collectives.last_algorithm
+                else:
+                    on = plain if algorithm.endswith(PLAIN) and plain is not None else node
+                    chosen = on.collectives.last_algorithm
                 crc = zlib.crc32(memoryview(buf).cast("B"))
                 err = float(np.max(np.abs(buf - reference))) if reference is not None else 0.0
                 tol = 0.0
@@ -406,11 +459,27 @@ async def _worker(cfg: Config) -> None:
                 )
             repeats = cfg.repeat or default_repeats(size)
             times = np.zeros((2, len(variants), repeats), dtype=np.float64)
+            bufs.phases = {} if cfg.phases else None
             for r in range(repeats):
                 shift = r % len(variants) if cfg.order == "rotate" else 0
                 for v in [*range(shift, len(variants)), *range(shift)]:
                     times[:, v, r] = await call(bufs, *variants[v])
             table = (await gather_rows(times.reshape(-1))).reshape(world, 2, len(variants), repeats)
+            if cfg.phases:  # the same gathers on every rank: one per p2pdl variant
+                phases = _phase_medians(bufs.phases or {})
+                for variant in variants:
+                    if variant[0] != "p2pdl":
+                        continue
+                    key = "/".join(variant)
+                    mine = phases.get(key, {})
+                    row = np.array([mine.get(p, -1.0) for p in PHASE_NAMES])
+                    per_rank = await gather_rows(row)
+                    if rank == 0 and np.all(per_rank[:, -1] >= 0):
+                        report.setdefault("_phases", {})[f"{size}|{key}"] = {
+                            p: round(float(per_rank[:, i].mean()), 4)
+                            for i, p in enumerate(PHASE_NAMES)
+                            if np.all(per_rank[:, i] >= 0)
+                        }
             slowest = table[:, 0].max(axis=0)
             cpu_total = table[:, 1].sum(axis=0)
             if rank == 0:
@@ -429,17 +498,80 @@ async def _worker(cfg: Config) -> None:
                             for v, (lib, alg, comp) in enumerate(variants)
                         ],
                         "checks": checks,
+                        "phases": {},
                     }
                 )
                 print(f"  {format_size(size)} done", file=sys.stderr, flush=True)
             del src, buf, gbuf, mbuf, bufs
         await node.barrier()
+    if sync is not None:
+        sync.close()
     if plain is not None:
         await plain.close()
     if dist is not None:
         dist.destroy_process_group()
     if rank == 0:
+        for entry in report["sizes"]:
+            for key, value in report.get("_phases", {}).items():
+                size_text, variant = key.split("|", 1)
+                if int(size_text) == entry["size"]:
+                    entry["phases"][variant] = value
+        report.pop("_phases", None)
         Path(cfg.out).write_text(json.dumps(report))
+
+
+PHASE_NAMES = (
+    "before",
+    "setup",
+    "copy-in",
+    "wait-enter",
+    "reduce",
+    "copy-own",
+    "wait-out",
+    "copy-out",
+    "after",
+    "total",
+)
+"""A shared-memory call's phases (`shm.PHASES` marks), with what the API does before the
+first mark and after the last (argument checks, `auto`, operation setup, the sync facade's
+thread hops), and the call's whole time."""
+
+
+def _start_phases(cfg: Config, shm_module: Any) -> list[Any] | None:
+    if not cfg.phases:
+        return None
+    marks: list[Any] = []
+    shm_module.PHASES = marks
+    return marks
+
+
+def _keep_phases(
+    bufs: SimpleNamespace,
+    key: tuple[str, str, str],
+    marks: list[Any] | None,
+    t0: float,
+    wall: float,
+) -> None:
+    """Per-phase durations (ms) of the call just timed, when it ran through shared memory."""
+    if marks is None or bufs.phases is None or len(marks) != 1:
+        return  # phases off, warm-up, or the call did not run through shared memory
+    points = marks[0]
+    sample = {"before": points[0][1] - t0}
+    for (_, a), (name, b) in itertools.pairwise(points):
+        sample[name] = b - a
+    sample["after"] = t0 + wall - points[-1][1]
+    sample["total"] = wall
+    bufs.phases.setdefault("/".join(key), []).append(sample)
+
+
+def _phase_medians(phases: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for key, samples in phases.items():
+        names = {name for sample in samples for name in sample}
+        out[key] = {
+            name: statistics.median(s[name] for s in samples if name in s) * 1e3 for name in names
+        }
+    return out
 
 
 def _tune(node: Any, cfg: Config) -> None:
@@ -478,10 +610,12 @@ def summarize(cfg: Config, raw: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for entry in raw["sizes"]:
         size = entry["size"]
-        gloo_ms = None
+        gloo_ms = mpi_ms = None
         for var in entry["variants"]:
             if var["library"] == "gloo":
                 gloo_ms = statistics.median(var["samples_ms"])
+            if var["library"] == "mpi":
+                mpi_ms = statistics.median(var["samples_ms"])
         checks = {(c["algorithm"], c["compression"]): c for c in entry["checks"]}
         for var in entry["variants"]:
             med = statistics.median(var["samples_ms"])
@@ -499,8 +633,12 @@ def summarize(cfg: Config, raw: dict[str, Any]) -> dict[str, Any]:
                 "cpu_ms": round(statistics.median(var["cpu_ms"]), 3),
                 "busbw_gbs": round(busbw, 3) if busbw is not None else None,
                 "ratio_vs_gloo": round(med / gloo_ms, 3) if gloo_ms else None,
+                "ratio_vs_mpi": round(med / mpi_ms, 3) if mpi_ms else None,
                 "samples_ms": var["samples_ms"],
             }
+            key = "/".join((var["library"], var["algorithm"], var["compression"]))
+            if key in entry.get("phases", {}):
+                row["phases_ms"] = entry["phases"][key]
             check = checks.get((var["algorithm"], var["compression"]))
             if var["library"] == "p2pdl" and check is not None:
                 row["correct"] = check["ok"]
@@ -524,9 +662,31 @@ def summarize(cfg: Config, raw: dict[str, Any]) -> dict[str, Any]:
                         "nodes": n,
                         "size": row["size"],
                         "compression": comp,
+                        "peer": "gloo",
                         "limit": limit,
                         "ratio": ratio,
                         "pass": ratio is not None and ratio <= limit,
+                    }
+                )
+    for _nodes, tsize, comp, limit in MPI_TARGETS:
+        for row in rows:
+            if (
+                row["library"] == "p2pdl"
+                and row["algorithm"] == "auto"
+                and row["compression"] == comp
+                and row["size"] == tsize
+                and row["ratio_vs_mpi"] is not None
+            ):
+                ratio = row["ratio_vs_mpi"]
+                targets.append(
+                    {
+                        "nodes": n,
+                        "size": row["size"],
+                        "compression": comp,
+                        "peer": "mpi",
+                        "limit": limit,
+                        "ratio": ratio,
+                        "pass": ratio <= limit,
                     }
                 )
     return {
@@ -547,31 +707,47 @@ def print_table(summary: dict[str, Any], out: Any = sys.stdout) -> None:
         file=out,
     )
     head = f"{'size':>6} {'library/algorithm':<22} {'compr':<6} {'ms':>9} {'busbw GB/s':>10}"
-    print(head + f" {'p2pdl/gloo':>10} {'cpu ms':>8} {'check':>6}", file=out)
+    print(head + f" {'p2pdl/gloo':>10} {'p2pdl/mpi':>9} {'cpu ms':>8} {'check':>6}", file=out)
     for row in summary["rows"]:
         name = row["library"]
         if row["library"] == "p2pdl":
             name += f"/{row['algorithm']}"
             if row["chosen"]:
                 name += f"→{row['chosen']}"
-        ratio = ""
+        ratio = mpi_ratio = ""
         if row["library"] == "p2pdl":
             ratio = "-" if row["ratio_vs_gloo"] is None else f"{row['ratio_vs_gloo']:.3f}"
+            mpi = row.get("ratio_vs_mpi")
+            mpi_ratio = "-" if mpi is None else f"{mpi:.3f}"
         busbw = f"{row['busbw_gbs']:.2f}" if row["busbw_gbs"] is not None else "-"
         check = ("ok" if row["correct"] else "FAIL") if "correct" in row else ""
         print(
             f"{format_size(row['size']):>6} {name:<22} {row['compression']:<6} "
-            f"{row['median_ms']:>9.3f} {busbw:>10} {ratio:>10} {row['cpu_ms']:>8.2f} {check:>6}",
+            f"{row['median_ms']:>9.3f} {busbw:>10} {ratio:>10} {mpi_ratio:>9} "
+            f"{row['cpu_ms']:>8.2f} {check:>6}",
             file=out,
         )
     if summary["mpi"] != "measured" and summary["mpi"]:
         print(f"{'':>6} {'mpi':<22} {'none':<6} {'not installed':>9}  ({summary['mpi']})", file=out)
+    phased = [row for row in summary["rows"] if "phases_ms" in row]
+    if phased:
+        print(
+            "\nwhere a shared-memory call's time goes (ms; each rank's median, mean over ranks)",
+            file=out,
+        )
+        print(f"{'size':>6} {'variant':<22} " + " ".join(f"{p:>10}" for p in PHASE_NAMES), file=out)
+        for row in phased:
+            cells = " ".join(
+                f"{row['phases_ms'][p]:>10.4f}" if p in row["phases_ms"] else f"{'-':>10}"
+                for p in PHASE_NAMES
+            )
+            print(f"{format_size(row['size']):>6} {row['algorithm']:<22} {cells}", file=out)
     for t in summary["targets"]:
         verdict = "PASS" if t["pass"] else "FAIL"
         ratio = "n/a" if t["ratio"] is None else f"{t['ratio']:.3f}"
         print(
             f"target n={t['nodes']} {format_size(t['size'])} {t['compression']}: "
-            f"p2pdl/gloo {ratio} <= {t['limit']} {verdict}",
+            f"p2pdl/{t['peer']} {ratio} <= {t['limit']} {verdict}",
             file=out,
         )
 
@@ -606,6 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.mpi_status = mpi_missing or (None if use_mpirun else "not launched under mpirun")
     cfg.leader_port = free_port()
     cfg.plain_port = free_port()
+    cfg.sync_port = free_port()
     cfg.gloo_port = free_port()
     cfg.secret = secrets.token_hex(32)
     json_path = Path(args.json_path or f"bench-results/allreduce-n{cfg.nodes}.json")

@@ -26,7 +26,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import p2pdl
-from p2pdl import timeline
+from p2pdl.collectives import timeline
 from p2pdl.torch import TorchTask, train, weights_digest
 
 SEED = 0

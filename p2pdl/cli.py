@@ -205,7 +205,7 @@ def _timeline_parser(sub: Any) -> None:
 
 
 def _cmd_timeline(args: argparse.Namespace) -> int:
-    from p2pdl import timeline
+    from p2pdl.collectives import timeline
 
     if args.action == "merge":
         count = timeline.merge(args.trace)

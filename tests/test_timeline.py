@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pdl import timeline
-from p2pdl.timeline import Span, assign_rows, chrome_trace
+from p2pdl.collectives import timeline
+from p2pdl.collectives.timeline import Span, assign_rows, chrome_trace
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_spans_of_several_processes_merge_into_one_trace(tmp_path: Path) -> None
     trace = tmp_path / "trace.json"
     script = (
         "import sys\n"
-        "from p2pdl import timeline\n"
+        "from p2pdl.collectives import timeline\n"
         "rank = int(sys.argv[1])\n"
         "with timeline.span('step', 'compute', rank):\n"
         "    with timeline.span('reduce-scatter', 'collective', rank):\n"

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from p2pdl import timeline
+from p2pdl.collectives import timeline
 from p2pdl.errors import ConfigError
 from p2pdl.kernels import lowrank as kl
 

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from p2pdl import kernels, timeline
+from p2pdl import kernels
+from p2pdl.collectives import timeline
 from p2pdl.collectives.context import as_bytes, gather_all
 from p2pdl.collectives.op import SUB_BITS, Operation
 from p2pdl.collectives.plan import SlicePlan

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from p2pdl import timeline
+from p2pdl.collectives import timeline
 from p2pdl.collectives.compute import Compute
 from p2pdl.collectives.sharded import gather_state, sharded_step
 from p2pdl.config import Timeouts

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from p2pdl import timeline
+from p2pdl.collectives import timeline
 from p2pdl.errors import P2PDLError
 from p2pdl.torch.flat import FlatParameters
 from p2pdl.torch.optim import ShardedOptimizer, optimizer_config

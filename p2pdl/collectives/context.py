@@ -76,12 +76,19 @@ class ReduceContext:
         return np.dtype(np.uint16) if self.compression else self.buf.dtype
 
     async def reduce_chunk(
-        self, dst: np.ndarray, sources: list[np.ndarray], *, final: bool = True
+        self,
+        dst: np.ndarray,
+        sources: list[np.ndarray],
+        *,
+        final: bool = True,
+        inline: bool = False,
     ) -> None:
         """dst = sources[0] op sources[1] op ... in rank order (`dst` may be one of them).
 
         Uncompressed sources are reduced in one pass; compressed (uint16) ones are decoded
         and accumulated in turn. The mean's scale is applied once, on the `final` reduction.
+        `inline` runs it on the calling thread whatever its size (a caller that has nothing
+        else for the loop to do meanwhile).
         """
         nbytes = dst.nbytes * max(1, len(sources))
         compression = self.compression
@@ -105,7 +112,10 @@ class ReduceContext:
             if scale is not None:
                 scale_buffer(dst, kind, scale, parallel)
 
-        await self.compute.run(nbytes, work)
+        if inline:
+            work()
+        else:
+            await self.compute.run(nbytes, work)
 
     def final_scale(self) -> float | None:
         """The factor of the final reduction: the mean's 1/world_size, a sub-group's own."""

@@ -481,7 +481,7 @@ async def _steps(ctx: ReduceContext, arena: ShmArena, call: _Call, parity: int) 
         np.copyto(mine[:lo], buf[:lo])
         np.copyto(mine[hi:], buf[hi:])
 
-    await ctx.compute.run(buf.nbytes, copy_in)
+    await _work(ctx, buf.nbytes, copy_in)
     _mark(marks, "copy-in")
     # A segment some peer has not mapped (new, grown, or mapped only by the members of a
     # hierarchical call) is offered again to every peer on this call, and the control block
@@ -508,20 +508,21 @@ async def _steps(ctx: ReduceContext, arena: ShmArena, call: _Call, parity: int) 
     # Single-threaded kernels: every rank sums its own slice at the same time, so the
     # cores are busy already (Numba's pool on top only oversubscribes them).
     ctx.chunk_elems = max(ctx.chunk_elems, buf.size)
+    inline = buf.nbytes < INLINE_BYTES
     if hi > lo:
         if ctx.on_slice is not None:  # it must see (and may change) the result in `buf`
             result = buf[lo:hi]
             sources = [result if p == rank else theirs[p][lo:hi] for p in range(n)]
-            await ctx.reduce_chunk(result, sources, final=True)
+            await ctx.reduce_chunk(result, sources, final=True, inline=inline)
             await ctx.finish_slice(lo, hi)
             shared = mine[lo:hi]
-            await ctx.compute.run(result.nbytes, lambda: np.copyto(shared, result))
+            await _work(ctx, result.nbytes, lambda: np.copyto(shared, result))
         else:
             sources = [buf[lo:hi] if p == rank else theirs[p][lo:hi] for p in range(n)]
             if buf.nbytes < SMALL_BYTES and ctx.plain_sum:
                 _sum_small(mine[lo:hi], sources, ctx.final_scale())
             else:
-                await ctx.reduce_chunk(mine[lo:hi], sources, final=True)
+                await ctx.reduce_chunk(mine[lo:hi], sources, final=True, inline=inline)
     _mark(marks, "reduce")
     call.say(OUT)
 
@@ -534,22 +535,29 @@ async def _steps(ctx: ReduceContext, arena: ShmArena, call: _Call, parity: int) 
             a, b = bounds[p]
             np.copyto(buf[a:b], theirs[p][a:b])
 
-    if buf.nbytes >= ctx.compute.inline_bytes:
-        # This rank's own result first, while the other owners finish theirs.
-        await ctx.compute.run(buf.nbytes, copy_own)
-        _mark(marks, "copy-own")
-        await call.until(OUT)
-        _mark(marks, "wait-out")
-        await ctx.compute.run(buf.nbytes, copy_theirs)
-    else:  # small: no thread hop, and the wait is short
-        copy_own()
-        _mark(marks, "copy-own")
-        await call.until(OUT)
-        _mark(marks, "wait-out")
-        copy_theirs()
+    # This rank's own result first, while the other owners finish theirs.
+    await _work(ctx, (hi - lo) * buf.itemsize, copy_own)
+    _mark(marks, "copy-own")
+    await call.until(OUT)
+    _mark(marks, "wait-out")
+    await _work(ctx, buf.nbytes, copy_theirs)
     _mark(marks, "copy-out")
     own.mapped_by.update(peers)  # each said "out" after mapping it
     own.withdraw()
+
+
+INLINE_BYTES = 4 << 20
+"""Below this a call copies and sums on the loop thread: while it runs the loop has no frames
+of it to serve (calls take turns), and at 1 MiB the four hops to the reduce thread (~30-60 µs
+each) cost more than the copies they moved (`bench allreduce --phases`)."""
+
+
+async def _work(ctx: ReduceContext, nbytes: int, fn: Callable[[], None]) -> None:
+    """`fn()` on the loop thread below INLINE_BYTES, else on the reduce thread."""
+    if nbytes < INLINE_BYTES:
+        fn()
+    else:
+        await ctx.compute.run(nbytes, fn)
 
 
 SMALL_BYTES = 64 * 1024

@@ -55,9 +55,11 @@ OPS = REDUCE_OPS
 COMPRESSIONS = (None, "bf16", "fp16")
 DIRECT_MAX_BYTES = 512 * 1024
 """`direct` while each rank sends at most 2 × this (nbytes · (world_size − 1) ≤ 1 MiB)."""
-SHM_MIN_BYTES = 256 * 1024
+SHM_MIN_BYTES = 12 * 1024
 """`auto` takes the shared-memory path when every rank is on one host and
-nbytes · (world_size − 1) is at least this (below it one-hop `direct` is faster)."""
+nbytes · (world_size − 1) is at least this. Since ranks synchronise through control blocks
+instead of TCP frames, shm is as fast as one-hop `direct` from 16 KiB at n = 2 and faster
+at every size from 4 KiB at n = 4 (docs/benchmarks.md, "auto on one host")."""
 SPECIAL = ("hierarchical", "shm")
 """Algorithms that need more than the context: host identities, shared segments."""
 
@@ -73,9 +75,11 @@ def choose_algorithm(
     `hierarchical` when ranks share hosts across several hosts (one copy per host link), or
     `shm` when every rank is on one host and can map the others' segments (`shared_memory`).
 
-    `shm` against `direct` (loopback, 2 cores, medians of 40 interleaved calls): n=2 direct
-    0.14 vs shm 0.18 ms at 128 KiB, shm 0.21 vs 0.24 ms at 256 KiB; n=4 direct 0.73 vs 0.94
-    ms at 64 KiB, shm 1.00 vs 1.12 ms at 128 KiB: shm from nbytes · (n − 1) ≥ 256 KiB.
+    `shm` against `direct` since shm synchronises through control blocks (loopback, 2 cores,
+    `bench allreduce --algorithms shm,direct,sliced`, three runs): n=2 within a few percent
+    of each other from 4 to 16 KiB (0.135 vs 0.144 ms at 16 KiB on a quiet machine, 0.42 vs
+    0.39 under load), shm ahead from 64 KiB (0.13 vs 0.26 ms quiet); n=4 shm ahead at every
+    size from 4 KiB (0.96-1.84 vs 1.10-2.02 ms): shm from nbytes · (n − 1) ≥ 12 KiB.
 
     Measured crossover (loopback, 2 shared cores, medians of 30 interleaved calls, the
     slowest rank's time; table in docs/benchmarks.md "AllReduce"): `direct` beat `sliced`

@@ -127,3 +127,30 @@ def test_render_draws_a_picture(recording: Path, tmp_path: Path) -> None:
     image = tmp_path / "timeline.png"
     timeline.render(str(recording), str(image))
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_launch_merges_its_ranks_timelines_into_one_trace(tmp_path: Path) -> None:
+    """`P2PDL_TIMELINE=… python -m p2pdl launch` leaves one merged trace with every rank."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "spans.py"
+    script.write_text(
+        "import os\n"
+        "from p2pdl.collectives import timeline\n"
+        "with timeline.span('forward/backward', 'compute', int(os.environ['RANK'])):\n"
+        "    pass\n"
+    )
+    trace = tmp_path / "trace.json"
+    env = {**os.environ, "P2PDL_TIMELINE": str(trace)}
+    done = subprocess.run(
+        [sys.executable, "-m", "p2pdl", "launch", "-n", "2", str(script)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert timeline.parts_of(str(trace)) == []
+    events = json.loads(trace.read_text())["traceEvents"]
+    ranks = {e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    assert ranks == {"rank 0", "rank 1"}, events

@@ -139,7 +139,7 @@ def launch(world_size: int, command: Sequence[str], *, grace: float = 5.0) -> in
     secret = secrets.token_hex(32)
     argv = [sys.executable, *command] if command[0] != sys.executable else list(command)
     envs = [cluster_env(rank, world_size, leader, secret, master) for rank in range(world_size)]
-    return uvloop.run(_launch([argv] * world_size, envs, grace))
+    return _merge_timeline(uvloop.run(_launch([argv] * world_size, envs, grace)))
 
 
 def launch_job(
@@ -175,4 +175,17 @@ def launch_job(
     env.pop("P2PDL_RANK", None)
     commands = [leader] + [worker] * (world_size - 1)
     # Ranks are assigned by the leader (and change with membership epochs): label by node.
-    return uvloop.run(_launch(commands, [env] * world_size, grace, label="node"))
+    return _merge_timeline(uvloop.run(_launch(commands, [env] * world_size, grace, label="node")))
+
+
+def _merge_timeline(status: int) -> int:
+    """With P2PDL_TIMELINE set, merge the ranks' span files into one trace once all have
+    exited (each rank wrote its part at exit); `status` passes through."""
+    path = os.environ.get("P2PDL_TIMELINE")
+    if path:
+        from p2pdl.collectives import timeline
+
+        count = timeline.merge(path)
+        if count:
+            print(f"p2pdl launch: timeline {path}: {count} spans", file=sys.stderr, flush=True)
+    return status

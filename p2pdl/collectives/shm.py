@@ -12,8 +12,9 @@ every rank has mapped the others' segments (`shmsync` says how ranks wait for ea
    and says "out";
 3. every rank copies the other owners' results out of their segments, and its own.
 
-A new (grown) segment's 64-byte offer goes to the peers over the authenticated link on the
-call that first uses it; its control block names it, so a peer knows to wait for the offer.
+A segment some peer has not mapped yet (new, grown, or mapped only by a hierarchical call's
+members) has its 64-byte offer sent to every peer over the authenticated link on the call
+that uses it, and the control block says so, so each peer takes that frame.
 Each segment has two halves used by alternate calls: a rank rewrites a half only once every
 peer has started a later call or finished the one that used it. A segment is never a file: a
 peer fetches its descriptor from the owner's fd server (an abstract Unix socket, one per
@@ -176,8 +177,9 @@ class ShmArena:
         self.last_use = [0, 0]
         """The call (seq) that last wrote each half of this rank's segment."""
         self.spin_s = 0.0
-        self._bounds: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {}
         """How long waits poll before sleeping (set per call: only when ranks have cores)."""
+        self._bounds: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {}
+        """Slice bounds per (size, world size), kept: planning them costs more than 4 KiB."""
 
     def own_segment(self, nbytes: int) -> Segment:
         """This rank's segment with at least `nbytes` per half (a new, larger one if needed),

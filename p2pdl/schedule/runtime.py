@@ -21,9 +21,11 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import numpy as np
 
 from p2pdl.config import NodeConfig
 from p2pdl.errors import CollectiveTimeoutError, ConfigError, P2PDLError
@@ -40,7 +42,7 @@ from p2pdl.schedule.task import TaskContext, resolve_task, task_digest, task_spe
 from p2pdl.schedule.worker import Worker
 from p2pdl.session import membership_of
 
-__all__ = ["JobOptions", "emit", "run_job_node"]
+__all__ = ["JobOptions", "JobOutcome", "check_job", "emit", "run_job", "run_job_node"]
 
 log = logging.getLogger("p2pdl.schedule.runtime")
 
@@ -80,6 +82,9 @@ class JobOptions:
     prefetch_depth: int = 4
     job_overrides: Mapping[str, Any] = field(default_factory=dict)
     """Job spec fields that replace the task's (e.g. epochs, dataset_size, params)."""
+    adapt_task: Callable[[Any], Any] | None = None
+    """A host's wrapper for the task once resolved from its reference (on this node only):
+    p2pdl.spark hands the task the rows of its Spark partitions this way."""
 
     def __post_init__(self) -> None:
         for name in ("nodes", "lookahead", "checkpoint_every", "prefetch_depth"):
@@ -136,6 +141,17 @@ class JobOptions:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    """How one node's part of a job ended, for hosts that embed the runtime (p2pdl.spark)."""
+
+    summary: dict[str, Any]
+    task: Any
+    """The task this node trained (None on a plain member)."""
+    weights: np.ndarray | None
+    """A copy of the final flat weights (None on a plain member)."""
+
+
 def emit(event: str, **fields: Any) -> None:
     """One machine-readable JSON line on stdout."""
     print(json.dumps({"event": event, **fields}, default=str), flush=True)
@@ -144,19 +160,37 @@ def emit(event: str, **fields: Any) -> None:
 async def run_job_node(config: NodeConfig, options: JobOptions) -> int:
     """Run one node of a training job to the end; returns the process exit status."""
     try:
-        options.check_role(config)
-        if config.mode == "lead":
-            summary = await _run_leader(config, options)
-        else:
-            summary = await _run_worker(config, options)
+        outcome = await run_job(config, options)
     except ConfigError as exc:
         print(f"p2pdl node: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except P2PDLError as exc:
         print(f"p2pdl node: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 1
-    emit("done", **summary)
+    emit("done", **outcome.summary)
     return 0
+
+
+async def run_job(config: NodeConfig, options: JobOptions) -> JobOutcome:
+    """Run one node of a training job to the end and return its outcome; raises ConfigError
+    or another P2PDLError where `run_job_node` would print one and exit non-zero."""
+    options.check_role(config)
+    if config.mode == "lead":
+        return await _run_leader(config, options)
+    return await _run_worker(config, options)
+
+
+def check_job(options: JobOptions) -> Job:
+    """The validated job a leader with `options` would run, without starting anything: for
+    hosts that check a job before any node starts (p2pdl.spark). Raises ConfigError."""
+    if not options.job:
+        raise ConfigError("the leader needs a job (--job module:attr)")
+    return _build_job(options, _resolve(options.job, options))
+
+
+def _resolve(reference: str, options: JobOptions) -> Any:
+    task = resolve_task(reference)
+    return options.adapt_task(task) if options.adapt_task is not None else task
 
 
 def _build_job(options: JobOptions, task: Any) -> Job:
@@ -224,9 +258,9 @@ def _optimizer_wire(model: ModelState) -> dict[str, Any]:
     return {**model.opt.to_wire(), "lr": 0.0}
 
 
-async def _run_leader(config: NodeConfig, options: JobOptions) -> dict[str, Any]:
+async def _run_leader(config: NodeConfig, options: JobOptions) -> JobOutcome:
     assert options.job is not None
-    task = resolve_task(options.job)
+    task = _resolve(options.job, options)
     job = _build_job(options, task)
     digest = task_digest(options.job)
     ctx, model = await _setup(task, job, 0)
@@ -300,7 +334,7 @@ async def _run_leader(config: NodeConfig, options: JobOptions) -> dict[str, Any]
             async with asyncio.timeout(config.timeouts.shutdown):
                 await worker_task
         await writer.wait()
-        return summary
+        return JobOutcome(summary, task, model.weights.copy())
     finally:
         for t in (admitting, leader_task, worker_task):
             if not t.done():
@@ -339,7 +373,7 @@ class _CheckpointWriter:
             await self.pending
 
 
-async def _run_worker(config: NodeConfig, options: JobOptions) -> dict[str, Any]:
+async def _run_worker(config: NodeConfig, options: JobOptions) -> JobOutcome:
     assert config.leader is not None
     node = Node(config=config)
     channel: ControlChannel | None = None
@@ -355,7 +389,7 @@ async def _run_worker(config: NodeConfig, options: JobOptions) -> dict[str, Any]
             ) from None
         first = await _recv_first(channel, options)
         if first["k"] == "table":  # a plain cluster's leader: be a plain member of it
-            return await _serve_plain_member(node, first)
+            return JobOutcome(await _serve_plain_member(node, first), None, None)
         first = check(first, sender="the leader")
         if first["k"] == "error":
             raise JobError(f"the leader refused this node: {first['reason']}")
@@ -364,7 +398,7 @@ async def _run_worker(config: NodeConfig, options: JobOptions) -> dict[str, Any]
         try:
             job = Job.from_wire(first["job"])
             digest = _admit_task(job.task, first["digest"], options)
-            task = resolve_task(job.task)
+            task = _resolve(job.task, options)
         except (ConfigError, JobError) as exc:
             await channel.send({"k": "hello", "digest": None, "error": str(exc)})
             raise JobError(f"cannot run the leader's job: {exc}") from None
@@ -402,7 +436,7 @@ async def _run_worker(config: NodeConfig, options: JobOptions) -> dict[str, Any]
             prefetch_depth=options.prefetch_depth,
             on_ready=ready,
         )
-        return await worker.run()
+        return JobOutcome(await worker.run(), task, model.weights.copy())
     finally:
         if channel is not None:
             channel.close()

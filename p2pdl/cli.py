@@ -18,7 +18,16 @@ from typing import Any, NoReturn
 from p2pdl.config import NodeConfig, Timeouts, parse_address, parse_peers, take_env_secret
 from p2pdl.errors import ConfigError, P2PDLError
 
-BENCHMARKS = ("kernels", "allreduce", "schedule", "train", "scaling", "storm", "convergence")
+BENCHMARKS = (
+    "kernels",
+    "allreduce",
+    "schedule",
+    "train",
+    "scaling",
+    "storm",
+    "convergence",
+    "spark",
+)
 SECRET_BYTES = 32
 
 

@@ -66,6 +66,9 @@ class TestTask:
         if die and ctx.step == int(die):
             print(json.dumps({"event": "dying", "time": time.time(), "step": ctx.step}), flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
+        bad = os.environ.get("SCHED_TEST_RAISE_AT_STEP")
+        if bad and ctx.step == int(bad):
+            raise ValueError(f"bad batch at step {ctx.step}")
         gate = os.environ.get("SCHED_TEST_GATE_FILE")
         if gate and ctx.step == int(os.environ["SCHED_TEST_GATE_STEP"]):
             deadline = time.monotonic() + 60

@@ -76,6 +76,20 @@ def test_too_few_survivors_stop_with_a_clear_error(procs: Procs) -> None:
     assert leader.event("done") is None
 
 
+def test_a_task_step_that_raises_stops_the_job_on_every_node(procs: Procs) -> None:
+    """The task's own code raising is not a lost peer: re-running the step would raise again,
+    so the job stops at once on every node, naming the rank and the error (it used to leave
+    that worker silent while the others timed out and recovered into the same error)."""
+    leader = procs.lead(JOB, 2)
+    worker = procs.join("bad", leader, {"SCHED_TEST_RAISE_AT_STEP": "5"})
+    assert leader.wait() == 1, procs.logs()
+    assert worker.wait() == 1, procs.logs()
+    for node in (leader, worker):
+        err = node.err.read_text()
+        assert "task raised ValueError: bad batch at step 5" in err, procs.logs()
+    assert leader.event("done") is None
+
+
 def test_node_joins_at_a_boundary(procs: Procs, tmp_path: Path) -> None:
     """Two nodes train; rank 0 holds step 6 until the leader has a third node set up and
     waiting (its `joining` event); it joins at the next boundary, receives weights and

@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from p2pdl.config import Timeouts
 from p2pdl.errors import P2PDLError, ProtocolError
@@ -211,6 +211,15 @@ class Leader:
         elif kind == "stall":
             self._on_stall(handle, message)
 
+    async def _stop_job(self, reason: str) -> NoReturn:
+        """End the job on every node with `reason` (an error no recovery can get past)."""
+        log.error("leader: stopping the job: %s", reason)
+        for handle in self.members:
+            if handle is not self.local and not handle.dead:
+                with contextlib.suppress(P2PDLError):
+                    await handle.channel.send({"k": "error", "reason": reason})
+        raise JobError(reason)
+
     async def _reject(self, handle: NodeHandle, reason: str) -> None:
         log.error("leader: rejecting %s: %s", handle.label(), reason)
         with contextlib.suppress(P2PDLError):
@@ -326,6 +335,8 @@ class Leader:
                 continue
             handle, message = event
             kind = message["k"]
+            if handle in self.members and kind == "failed" and message["phase"] == "task":
+                await self._stop_job(f"{handle.label()}'s task raised {message['error']}")
             if handle in self.members and (
                 kind == _LOST or (kind == "failed" and message["epoch"] == self.epoch)
             ):

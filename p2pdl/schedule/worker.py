@@ -294,6 +294,16 @@ class Worker:
                 }
             )
 
+    async def _report_task_error(self, exc: Exception) -> None:
+        """Tell the leader this node's task raised (phase "task": the leader stops the job
+        instead of recovering into the same error); the leader's answer ends this node."""
+        error = f"{type(exc).__name__}: {exc}"[:1000]
+        log.error("rank %d: the task raised %s", self.rank, error, exc_info=exc)
+        with contextlib.suppress(P2PDLError):
+            await self.channel.send(
+                {"k": "failed", "epoch": self.epoch, "phase": "task", "error": error, "lost": []}
+            )
+
     # --------------------------------------------------------------------- training
     def _on_group(self, message: dict[str, Any]) -> None:
         group = IterationGroup.from_wire(message["plan"], rank=0)
@@ -338,6 +348,9 @@ class Worker:
         except P2PDLError as exc:
             self._progress = None
             await self._report_failure("step", exc)
+        except Exception as exc:  # the task's own code: rerunning the step would raise again
+            self._progress = None
+            await self._report_task_error(exc)
 
     async def _run_group(self, group: IterationGroup, checkpoint: bool, wait: float) -> None:
         loop = asyncio.get_running_loop()

@@ -12,14 +12,10 @@ held-out test set and prints it, then one JSON line with the figures.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -53,31 +49,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def session(master: str) -> Any:
-    """A Spark session whose executors can import this example (the repository's root)."""
-    import pyspark
-    from pyspark.sql import SparkSession
-
-    os.environ.setdefault("SPARK_HOME", os.path.dirname(pyspark.__file__))  # local-cluster
-    spark = (
-        SparkSession.builder.master(master)
-        .appName("p2pdl-train-spark")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.pyspark.python", sys.executable)
-        .config("spark.executorEnv.PYTHONPATH", str(ROOT))
-        .getOrCreate()
-    )
-    spark.sparkContext.setLogLevel("ERROR")
-    return spark
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse(list(sys.argv[1:] if argv is None else argv))
     import p2pdl.spark
+    from p2pdl.spark import session as spark_session
 
-    spark = session(args.master)
-    work = Path(os.environ["SPARK_HOME"], "work", spark.sparkContext.applicationId)
+    spark = spark_session.session(args.master, "p2pdl-train-spark", pythonpath=str(ROOT))
     try:
         rows = [(x.tolist(), int(y)) for x, y in zip(X_TRAIN.numpy(), Y_TRAIN.numpy(), strict=True)]
         df = spark.createDataFrame(rows, "features array<float>, label long")
@@ -85,10 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         result = p2pdl.spark.fit(df, TASK, num_nodes=args.nodes, epochs=args.epochs)
         wall = time.perf_counter() - start
     finally:
-        spark.stop()
-        shutil.rmtree(work, ignore_errors=True)  # local-cluster's executor folders
-        with contextlib.suppress(OSError):
-            work.parent.rmdir()  # only if no other application's folder is left in it
+        spark_session.stop(spark)
     model = make_model()
     assert result.state_dict is not None
     model.load_state_dict(result.state_dict)

@@ -11,16 +11,14 @@ instead of importing torch again for seconds on this 2-core machine.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from examples.train_digits import SEED, X_TRAIN, Y_TRAIN, accuracy, make_model
+from p2pdl.spark.session import session, stop
 from p2pdl.torch import TorchTask
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,7 +75,6 @@ class Sessions:
     def __init__(self) -> None:
         self.spark: Any = None
         self.key: tuple[str, tuple[tuple[str, str], ...]] | None = None
-        self.apps: list[str] = []
 
     def get(self, master: str, **conf: str) -> Any:
         """A session on `master` with `conf` (stopping the current one if it differs)."""
@@ -85,43 +82,21 @@ class Sessions:
         if self.spark is not None and key == self.key:
             return self.spark
         self.close()
-        import pyspark
-        from pyspark.sql import SparkSession
-
-        # local-cluster starts its executors from $SPARK_HOME (the installed package).
-        os.environ.setdefault("SPARK_HOME", os.path.dirname(pyspark.__file__))
-        builder = (
-            SparkSession.builder.master(master)
-            .appName("p2pdl-tests")
-            .config("spark.ui.enabled", "false")
-            .config("spark.ui.showConsoleProgress", "false")
-            .config("spark.pyspark.python", sys.executable)
-            .config("spark.python.daemon.module", "tests.spark_tasks")
-            .config("spark.executorEnv.PYTHONPATH", str(REPO))
-            .config("spark.sql.shuffle.partitions", "2")
-        )
-        for name, value in conf.items():
-            builder = builder.config(name, value)
-        self.spark = builder.getOrCreate()
-        self.spark.sparkContext.setLogLevel("ERROR")
+        settings = {
+            "spark.python.daemon.module": "tests.spark_tasks",
+            "spark.sql.shuffle.partitions": "2",
+            **conf,
+        }
+        self.spark = session(master, "p2pdl-tests", pythonpath=str(REPO), conf=settings)
         self.key = key
-        self.apps.append(self.spark.sparkContext.applicationId)
         return self.spark
 
     def close(self) -> None:
-        """Stop the session and remove local-cluster's work folders of its applications."""
+        """Stop the session and remove local-cluster's work folder of its application."""
         if self.spark is not None:
-            self.spark.stop()
+            stop(self.spark)
             self.spark = None
             self.key = None
-        home = os.environ.get("SPARK_HOME")
-        if home:
-            work = Path(home) / "work"
-            for app in self.apps:
-                shutil.rmtree(work / app, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                work.rmdir()  # only if no other application's folder is left in it
-        self.apps.clear()
 
 
 if __name__ == "__main__":  # the workers' daemon (see the module docstring)

@@ -23,10 +23,8 @@ ratio, and the test accuracy each reached.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -37,6 +35,7 @@ import numpy as np
 import torch
 
 from p2pdl.schedule.plan import epoch_permutation
+from p2pdl.spark.session import session, stop
 from p2pdl.torch import TorchTask
 
 SEED = 0
@@ -253,36 +252,6 @@ def run_p2pdl(
     }
 
 
-def session(master: str, world: int) -> Any:
-    """A Spark session on `master` whose executors use this Python."""
-    import pyspark
-    from pyspark.sql import SparkSession
-
-    import p2pdl
-
-    os.environ.setdefault("SPARK_HOME", os.path.dirname(pyspark.__file__))  # local-cluster
-    # The nodes compare the task module's source file, found on sys.path: an editable
-    # install's import hook is not enough there.
-    root = str(Path(p2pdl.__file__).resolve().parents[1])
-    spark = (
-        SparkSession.builder.master(master)
-        .appName("p2pdl-bench-spark")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.pyspark.python", sys.executable)
-        .config("spark.executorEnv.PYTHONPATH", root)
-        .config("spark.default.parallelism", str(world))
-        .getOrCreate()
-    )
-    spark.sparkContext.setLogLevel("ERROR")
-    return spark
-
-
-def _work_dir(spark: Any) -> Path | None:
-    home = os.environ.get("SPARK_HOME")
-    return Path(home) / "work" / spark.sparkContext.applicationId if home else None
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="p2pdl bench spark", description=__doc__)
     parser.add_argument("--partitions", type=int, default=2, help="N: tasks and partitions")
@@ -308,8 +277,7 @@ def main(argv: list[str]) -> int:
     world = args.partitions
     master = args.master or f"local-cluster[{world},1,1024]"
     x_train, y_train, x_test, y_test = load_digits_split()
-    spark = session(master, world)
-    work = _work_dir(spark)
+    spark = session(master, "p2pdl-bench-spark", conf={"spark.default.parallelism": str(world)})
     rounds: list[dict[str, Any]] = []
     try:
         rows = [(x.tolist(), int(y)) for x, y in zip(x_train, y_train, strict=True)]
@@ -333,11 +301,7 @@ def main(argv: list[str]) -> int:
             print(json.dumps(figures), file=sys.stderr, flush=True)
             rounds.append(figures)
     finally:
-        spark.stop()
-        if work is not None and work.is_dir():  # local-cluster's executor folders
-            shutil.rmtree(work, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                work.parent.rmdir()  # only if no other application's folder is left in it
+        stop(spark)
     params = sum(p.numel() for p in make_model().parameters())
     print(
         f"{master}, {world} partitions, MLP of {params:,} parameters, global batch {BATCH}, "

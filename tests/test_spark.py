@@ -306,8 +306,10 @@ def test_a_crashed_worker_fails_the_stage_and_the_retry_resumes(spark: Any, tmp_
     assert flag.is_file(), "node 1's Python worker did not crash"
     summary = result.summary
     assert summary["steps"] == 3 * STEPS_PER_EPOCH
-    # The retried stage started from the checkpoint of step 40, not from step 0.
-    assert summary["steps_this_run"] == 3 * STEPS_PER_EPOCH - 40
+    # The retried stage started from a checkpoint, not from step 0: the one of step 40, or of
+    # step 35 when the crash at step 40 came before the leader had written step 40's.
+    resumed_at = 3 * STEPS_PER_EPOCH - summary["steps_this_run"]
+    assert resumed_at in (35, 40), summary
     assert summary["weights_identical"] is True
     assert (checkpoints / "checkpoint.npz").is_file()
     assert _test_accuracy(result.state_dict) > 0.85

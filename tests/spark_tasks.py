@@ -24,6 +24,18 @@ from p2pdl.torch import TorchTask
 REPO = Path(__file__).resolve().parent.parent
 
 
+STEPS_PER_EPOCH = 21
+"""Steps of one epoch of the digits tasks: 1347 training rows, global batch 64."""
+
+
+def digits_accuracy(state_dict: dict[str, Any] | None) -> float:
+    """The digits test accuracy of a trained state (the driver's `SparkResult.state_dict`)."""
+    assert state_dict is not None
+    model = make_model()
+    model.load_state_dict(state_dict)
+    return accuracy(model)["accuracy"]
+
+
 def digits_rows() -> list[tuple[list[float], int]]:
     """The digits training set as DataFrame rows (`features array<float>, label long`)."""
     return [(x.tolist(), int(y)) for x, y in zip(X_TRAIN.numpy(), Y_TRAIN.numpy(), strict=True)]

@@ -26,30 +26,18 @@ pytest.importorskip("pyspark", reason="pyspark is not installed (the [spark] ext
 if shutil.which("java") is None:
     pytest.skip("Spark needs Java: no `java` on PATH", allow_module_level=True)
 
-import torch
 from pyspark.sql import functions as F
 
 import p2pdl.spark
-from examples.train_digits import X_TEST, Y_TEST, make_model
 from p2pdl.errors import ConfigError
 from p2pdl.launch.procs import stop_processes
 from p2pdl.schedule.errors import JobError
 from p2pdl.spark import driver
-from tests.spark_tasks import REPO, Sessions, digits_rows
+from tests.spark_tasks import REPO, STEPS_PER_EPOCH, Sessions, digits_accuracy, digits_rows
 
 pytestmark = pytest.mark.slow
 
 MASTER = "local[2]"
-STEPS_PER_EPOCH = 21  # 1347 training rows, global batch 64
-
-
-@pytest.fixture(scope="module")
-def sessions() -> Iterator[Sessions]:
-    made = Sessions()
-    try:
-        yield made
-    finally:
-        made.close()
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +54,6 @@ def conf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture
 def spark(sessions: Sessions, conf: dict[str, str]) -> Any:
     return sessions.get(MASTER, **conf)
-
-
-def _test_accuracy(state_dict: dict[str, Any] | None) -> float:
-    assert state_dict is not None
-    model = make_model()
-    model.load_state_dict(state_dict)
-    with torch.no_grad():
-        return float((model(X_TEST).argmax(dim=1) == Y_TEST).float().mean())
 
 
 def _frame(spark: Any, second: int | None = None) -> Any:
@@ -101,7 +81,7 @@ def test_run_trains_a_job_and_returns_its_state(spark: Any) -> None:
     assert result.state_dict is not None
     flat = np.concatenate([t.numpy().ravel() for t in result.state_dict.values()])
     np.testing.assert_array_equal(flat, result.weights)
-    accuracy = _test_accuracy(result.state_dict)
+    accuracy = digits_accuracy(result.state_dict)
     assert accuracy == pytest.approx(result.metrics["accuracy"])
     assert accuracy > 0.8
     assert result.wall_s > 0
@@ -175,7 +155,7 @@ def test_fit_trains_on_uneven_partitions(spark: Any) -> None:
     assert summary["steps"] == steps
     assert summary["samples"] == steps * 64
     assert summary["weights_identical"] is True
-    assert _test_accuracy(result.state_dict) > 0.85
+    assert digits_accuracy(result.state_dict) > 0.85
 
 
 def test_fit_repartitions_what_a_barrier_stage_cannot_run(spark: Any) -> None:
@@ -312,7 +292,7 @@ def test_a_crashed_worker_fails_the_stage_and_the_retry_resumes(spark: Any, tmp_
     assert resumed_at in (35, 40), summary
     assert summary["weights_identical"] is True
     assert (checkpoints / "checkpoint.npz").is_file()
-    assert _test_accuracy(result.state_dict) > 0.85
+    assert digits_accuracy(result.state_dict) > 0.85
 
 
 def test_a_crash_with_no_retries_left_is_a_clear_error(sessions: Sessions, tmp_path: Path) -> None:

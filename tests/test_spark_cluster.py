@@ -16,38 +16,18 @@ pytest.importorskip("pyspark", reason="pyspark is not installed (the [spark] ext
 if shutil.which("java") is None:
     pytest.skip("Spark needs Java: no `java` on PATH", allow_module_level=True)
 
-import torch
 
 import p2pdl.spark
-from examples.train_digits import X_TEST, Y_TEST, make_model
-from tests.spark_tasks import Sessions, digits_rows
+from tests.spark_tasks import STEPS_PER_EPOCH, Sessions, digits_accuracy, digits_rows
 
 pytestmark = pytest.mark.slow
 
 MASTER = "local-cluster[2,1,1024]"
-STEPS_PER_EPOCH = 21  # 1347 training rows, global batch 64
-
-
-@pytest.fixture(scope="module")
-def sessions() -> Iterator[Sessions]:
-    made = Sessions()
-    try:
-        yield made
-    finally:
-        made.close()
 
 
 @pytest.fixture
 def spark(sessions: Sessions) -> Any:
     return sessions.get(MASTER)
-
-
-def _test_accuracy(state_dict: dict[str, Any] | None) -> float:
-    assert state_dict is not None
-    model = make_model()
-    model.load_state_dict(state_dict)
-    with torch.no_grad():
-        return float((model(X_TEST).argmax(dim=1) == Y_TEST).float().mean())
 
 
 def _executor_pids(spark: Any) -> list[int]:
@@ -68,7 +48,7 @@ def test_run_on_two_executors(spark: Any) -> None:
     assert summary["world_size"] == 2
     assert summary["steps"] == 2 * STEPS_PER_EPOCH
     assert summary["weights_identical"] is True
-    assert _test_accuracy(result.state_dict) == pytest.approx(result.metrics["accuracy"])
+    assert digits_accuracy(result.state_dict) == pytest.approx(result.metrics["accuracy"])
     assert result.metrics["accuracy"] > 0.8
 
 
@@ -77,4 +57,4 @@ def test_fit_on_two_executors(spark: Any) -> None:
     result = p2pdl.spark.fit(df, "tests.spark_tasks:frame", num_nodes=2)
     assert result.summary["steps"] == 3 * STEPS_PER_EPOCH
     assert result.summary["weights_identical"] is True
-    assert _test_accuracy(result.state_dict) > 0.85
+    assert digits_accuracy(result.state_dict) > 0.85

@@ -34,7 +34,7 @@ from p2pdl.collectives.groups import GroupKey, GroupRegistry, SubGroup, check_ra
 from p2pdl.collectives.hierarchical import allreduce_hierarchical, host_groups, worth_it
 from p2pdl.collectives.op import SUB_BITS, Group, Operation
 from p2pdl.collectives.p2p import Sequences, p2p_base, recv_bytes, send_bytes
-from p2pdl.collectives.plan import SlicePlan, plan_slices
+from p2pdl.collectives.plan import SlicePlan, owner_slices, plan_slices
 from p2pdl.collectives.ring import allreduce_ring
 from p2pdl.collectives.shm import ShmArena, allreduce_shm, probe
 from p2pdl.collectives.sliced import allgather_slices, allreduce_sliced, reduce_scatter
@@ -562,8 +562,8 @@ class Collectives:
             leaders = [group[0] for group in host_groups(self.host_ids)]
             if rank not in leaders:
                 return (0, 0)
-            return plan_slices(size, len(leaders), 1).slices[leaders.index(rank)]
-        slices = plan_slices(size, n, 1).slices
+            return owner_slices(size, len(leaders))[leaders.index(rank)]
+        slices = owner_slices(size, n)
         return slices[(rank + 1) % n] if chosen == "ring" else slices[rank]
 
     # -------------------------------------------------------------- point to point

@@ -47,6 +47,15 @@ def pipeline_chunk(slice_len: int, chunk_elems: int) -> int:
     return max(1, min(chunk_elems, max(MIN_CHUNK_ELEMS, per_slice)))
 
 
+def owner_slices(n: int, world_size: int) -> tuple[tuple[int, int], ...]:
+    """The [start, stop) slice of `n` elements each of `world_size` owners reduces: the slices
+    of `plan_slices`, without planning its chunks."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be positive, got {world_size}")
+    align = CACHE_LINE_ELEMS if n >= CACHE_LINE_ELEMS * world_size * 4 else 1
+    return tuple(slice_bounds(n, world_size, align=align))
+
+
 def plan_slices(n: int, world_size: int, chunk_elems: int) -> SlicePlan:
     """BigDL's balanced slicing of `n` elements over `world_size` owners, chunked.
 
@@ -55,10 +64,7 @@ def plan_slices(n: int, world_size: int, chunk_elems: int) -> SlicePlan:
     16 MiB, 1 Gbit/s links took 1.29x the bandwidth bound with 2 MiB chunks), so chunks
     shrink to give every slice a few.
     """
-    if world_size < 1:
-        raise ValueError(f"world_size must be positive, got {world_size}")
-    align = CACHE_LINE_ELEMS if n >= CACHE_LINE_ELEMS * world_size * 4 else 1
-    slices = tuple(slice_bounds(n, world_size, align=align))
+    slices = owner_slices(n, world_size)
     longest = max(b - a for a, b in slices)
     chunk = pipeline_chunk(longest, chunk_elems)
     chunks = tuple(chunk_ranges(a, b, chunk) for a, b in slices)

@@ -51,7 +51,7 @@ from p2pdl import kernels
 from p2pdl.collectives import shmsync
 from p2pdl.collectives.context import ReduceContext
 from p2pdl.collectives.op import SUB_BITS, Operation
-from p2pdl.collectives.plan import plan_slices
+from p2pdl.collectives.plan import owner_slices
 from p2pdl.collectives.shmfd import (
     OFFER_BYTES,
     FdServer,
@@ -216,7 +216,7 @@ class ShmArena:
         if bounds is None:
             if len(self._bounds) > 64:
                 self._bounds.clear()
-            bounds = self._bounds[key] = plan_slices(size, n, max(1, size)).slices
+            bounds = self._bounds[key] = owner_slices(size, n)
         return bounds
 
     def own_control(self) -> Segment:

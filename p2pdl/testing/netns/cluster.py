@@ -17,7 +17,7 @@ import shlex
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO, Any
@@ -75,8 +75,10 @@ class Host:
         timeout: float = 30.0,
         check: bool = True,
         input: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` inside this host to completion; text stdout/stderr are captured.
+        """Run ``argv`` inside this host to completion (with ``env``, the whole environment);
+        text stdout/stderr are captured.
 
         Raises NetnsError on timeout (after killing its process group) or, with ``check``, on
         a non-zero exit status (the message carries the stderr).
@@ -87,6 +89,7 @@ class Host:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=env,
         )
         text = f"{shlex.join(map(os.fspath, argv))} in {self.name}"
         try:

@@ -71,6 +71,25 @@ def test_allreduce_bench_rejects_bad_arguments(args: list[str], message: str) ->
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--partitions", "2,x"], "--partitions"),
+        (["--partitions", "0"], "--partitions must be >= 1"),
+        (["--standalone", "--master", "local[2]"], "leave out --master"),
+        (["--plot", "out.png"], "--plot draws the --standalone runs"),
+        (["--model", "huge"], "invalid choice"),
+        (["--conf", "spark.x"], "KEY=VALUE"),
+        (["--group-size", "many"], "--group-size"),
+    ],
+)
+def test_spark_bench_rejects_bad_arguments(args: list[str], message: str) -> None:
+    done = _bench("spark", *args, timeout=60.0)  # refused before Spark or a namespace starts
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_allreduce_bench_with_a_host_layout_runs_the_hierarchical_variants(tmp_path) -> None:
     done = _bench(
         "allreduce", "--nodes", "4", "--host-layout", "a,a,b,b", "--sizes", "256K",

@@ -330,3 +330,22 @@ def test_dynamic_allocation_is_refused(sessions: Sessions) -> None:
     spark = sessions.get(MASTER, **{"spark.dynamicAllocation.enabled": "true"})
     with pytest.raises(ConfigError, match=r"spark\.dynamicAllocation\.enabled=false"):
         p2pdl.spark.run(spark, "tests.spark_tasks:digits", num_nodes=2)
+
+
+def test_an_executor_python_without_p2pdls_dependencies_is_a_clear_error(
+    sessions: Sessions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Executors whose Python has nothing installed (a bare virtual environment): Spark
+    ships pyspark itself (pyspark.zip on the workers' path), so the task fails on p2pdl's
+    own imports; the driver names the missing module and nothing hangs."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    monkeypatch.setenv("PYSPARK_PYTHON", str(bare / "bin" / "python"))
+    spark = sessions.get(
+        MASTER, **{"spark.python.daemon.module": "pyspark.daemon", "spark.app.name": "bare"}
+    )
+    start = time.monotonic()
+    with pytest.raises(JobError, match=r"No module named '(numpy|msgpack|uvloop|torch)'") as e:
+        p2pdl.spark.run(spark, "tests.spark_tasks:digits", num_nodes=2)
+    assert "the executors' Python lacks a module p2pdl needs" in str(e.value)
+    assert time.monotonic() - start < 120

@@ -146,6 +146,11 @@ def _spark_error(exc: Exception) -> JobError:
         parts.append("a Python worker exited unexpectedly (crashed or killed)")
     if python:
         parts.append(f"last Python error: {python[-1]}")
+        if python[-1].startswith("ModuleNotFoundError"):
+            parts.append(
+                "the executors' Python lacks a module p2pdl needs: install p2pdl with its "
+                "dependencies there, or point PYSPARK_PYTHON at a Python that has them"
+            )
     if not parts:
         parts.append(text.strip().splitlines()[0][:500] if text.strip() else type(exc).__name__)
     return JobError(f"the Spark barrier stage failed: {'; '.join(parts)}")

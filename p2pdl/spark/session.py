@@ -1,6 +1,8 @@
 """A Spark session for p2pdl jobs started from this Python: examples, benchmarks, tests.
 
-Executors run this interpreter (`spark.pyspark.python`) and find the job's module on the
+Executors run this interpreter unless `PYSPARK_PYTHON` names another (PySpark's driver takes
+its workers' Python from that variable, default `python3` on each machine's PATH, whatever
+`spark.pyspark.python` says), and find the job's module on the
 `PYTHONPATH` given to them: the nodes compare the task module's source file, located on
 `sys.path` without importing it, so an editable install's import hook is not enough there.
 `local-cluster[...]` masters start their executor JVMs from `$SPARK_HOME`, set here to the
@@ -35,12 +37,13 @@ def session(
     conf: Mapping[str, str] | None = None,
 ) -> Any:
     """A Spark session on `master` (UI and progress bars off, logs at ERROR) whose
-    executors use this interpreter, with `pythonpath` (default: `source_root()`) on their
-    path and `conf` on top."""
+    executors use this interpreter (or `$PYSPARK_PYTHON`), with `pythonpath` (default:
+    `source_root()`) on their path and `conf` on top."""
     import pyspark
     from pyspark.sql import SparkSession
 
     os.environ.setdefault("SPARK_HOME", os.path.dirname(pyspark.__file__))
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = (
         SparkSession.builder.master(master)
         .appName(app_name)

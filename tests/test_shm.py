@@ -35,9 +35,11 @@ def segment_fds() -> list[int]:
 
 
 def test_auto_policy_takes_shm_on_one_host_from_the_measured_crossover() -> None:
-    assert choose_algorithm(SHM_MIN_BYTES, 2, shared_memory=True) == "shm"
-    assert choose_algorithm(SHM_MIN_BYTES // 2, 2, shared_memory=True) == "direct"
-    assert choose_algorithm(SHM_MIN_BYTES // 3 + 64, 4, shared_memory=True) == "shm"
+    assert SHM_MIN_BYTES == 1  # every non-empty buffer (measured: shm ahead from 8 bytes)
+    assert choose_algorithm(8, 2, shared_memory=True) == "shm"
+    assert choose_algorithm(4096, 4, shared_memory=True) == "shm"
+    assert choose_algorithm(0, 2, shared_memory=True) == "direct"
+    assert choose_algorithm(4096, 2, shared_memory=False) == "direct"
     assert choose_algorithm(64 << 20, 4, shared_memory=False) == "sliced"
     assert choose_algorithm(64 << 20, 1, shared_memory=True) == "direct"
 
@@ -66,6 +68,10 @@ def test_shm_matches_sliced_bit_for_bit_and_auto_uses_it() -> None:
             assert results["auto"].tobytes() == results["sliced"].tobytes()
             small = [np.ones(10, np.float32) for _ in nodes]
             await on_all(nodes, lambda node: node.allreduce(small[node.rank]))
+            assert [node.collectives.last_algorithm for node in nodes] == ["shm"] * n
+            assert all(np.all(a == n) for a in small)
+            empty = [np.ones(0, np.float32) for _ in nodes]
+            await on_all(nodes, lambda node: node.allreduce(empty[node.rank]))
             assert [node.collectives.last_algorithm for node in nodes] == ["direct"] * n
 
     run(body())

@@ -55,11 +55,12 @@ OPS = REDUCE_OPS
 COMPRESSIONS = (None, "bf16", "fp16")
 DIRECT_MAX_BYTES = 512 * 1024
 """`direct` while each rank sends at most 2 × this (nbytes · (world_size − 1) ≤ 1 MiB)."""
-SHM_MIN_BYTES = 12 * 1024
+SHM_MIN_BYTES = 1
 """`auto` takes the shared-memory path when every rank is on one host and
-nbytes · (world_size − 1) is at least this. Since ranks synchronise through control blocks
-instead of TCP frames, shm is as fast as one-hop `direct` from 16 KiB at n = 2 and faster
-at every size from 4 KiB at n = 4 (docs/benchmarks.md, "auto on one host")."""
+nbytes · (world_size − 1) is at least this: every non-empty buffer. Since ranks synchronise
+through control blocks instead of TCP frames, shm is faster than one-hop `direct` at every
+size measured from 8 bytes at n = 2 and as fast at n = 4 (docs/benchmarks.md, "auto on one
+host")."""
 SPECIAL = ("hierarchical", "shm")
 """Algorithms that need more than the context: host identities, shared segments."""
 
@@ -76,10 +77,11 @@ def choose_algorithm(
     `shm` when every rank is on one host and can map the others' segments (`shared_memory`).
 
     `shm` against `direct` since shm synchronises through control blocks (loopback, 2 cores,
-    `bench allreduce --algorithms shm,direct,sliced`, three runs): n=2 within a few percent
-    of each other from 4 to 16 KiB (0.135 vs 0.144 ms at 16 KiB on a quiet machine, 0.42 vs
-    0.39 under load), shm ahead from 64 KiB (0.13 vs 0.26 ms quiet); n=4 shm ahead at every
-    size from 4 KiB (0.96-1.84 vs 1.10-2.02 ms): shm from nbytes · (n − 1) ≥ 12 KiB.
+    `bench allreduce --algorithms shm,direct`, three runs, the slowest rank's median): n=2 shm
+    ahead at every size, 0.10-0.12 vs 0.14-0.18 ms at 8 and 256 bytes, 0.097-0.129 vs
+    0.148-0.210 ms at 1 KiB, 0.115-0.161 vs 0.159-0.239 at 4 KiB, 0.123-0.182 vs 0.164-0.316
+    at 12 KiB, 0.13 vs 0.26 ms at 64 KiB; n=4 level with it from 1 to 12 KiB (1.30-1.49 vs
+    1.25-1.66 ms) and ahead above: shm for every non-empty buffer.
 
     Measured crossover (loopback, 2 shared cores, medians of 30 interleaved calls, the
     slowest rank's time; table in docs/benchmarks.md "AllReduce"): `direct` beat `sliced`

@@ -59,8 +59,8 @@ SHM_MIN_BYTES = 1
 """`auto` takes the shared-memory path when every rank is on one host and
 nbytes · (world_size − 1) is at least this: every non-empty buffer. Since ranks synchronise
 through control blocks instead of TCP frames, shm is faster than one-hop `direct` at every
-size measured from 8 bytes at n = 2 and as fast at n = 4 (docs/benchmarks.md, "auto on one
-host")."""
+size measured from 8 bytes at n = 2 and as fast at n = 4 (docs/benchmarks.md, "Second
+pass")."""
 SPECIAL = ("hierarchical", "shm")
 """Algorithms that need more than the context: host identities, shared segments."""
 

@@ -37,7 +37,7 @@ __all__ = ["SparkClusterError", "StandaloneSpark", "spark_home"]
 MASTER_PORT = 7077
 _MASTER_UI_PORT = 8080
 _WORKER_UI_PORT = 8081
-_LOG_LINES = 200
+_LOG_LINES = 2000
 _STOP_GRACE = 5.0
 _ELECTED = re.compile(r"I have been elected leader|New state: ALIVE")
 _REGISTERED = re.compile(r"Registering worker (\d+\.\d+\.\d+\.\d+):\d+")
@@ -67,8 +67,6 @@ class _DaemonLog:
         self.name = name
         self.proc = proc
         self.lines: collections.deque[str] = collections.deque(maxlen=_LOG_LINES)
-        self.matches: list[str] = []
-        self._patterns: list[re.Pattern[str]] = []
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, name=f"log {name}", daemon=True)
         self._reader.start()
@@ -81,6 +79,10 @@ class _DaemonLog:
                 self._changed.notify_all()
         with self._changed:
             self._changed.notify_all()
+
+    def join(self, timeout: float) -> None:
+        """Wait for the reader to reach the end of the output (after the process ended)."""
+        self._reader.join(timeout)
 
     def tail(self, lines: int = 30) -> str:
         with self._changed:
@@ -242,6 +244,7 @@ class StandaloneSpark:
         logs, self._logs = self._logs, []
         stop_processes([log.proc for log in reversed(logs)], grace=_STOP_GRACE)
         for log in logs:
+            log.join(_STOP_GRACE)  # the pipe is at its end once the process group is gone
             if log.proc.stdout is not None:
                 log.proc.stdout.close()
         work, self._work = self._work, None

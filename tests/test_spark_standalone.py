@@ -98,7 +98,7 @@ def test_a_worker_that_cannot_start_is_named_with_its_log() -> None:
     with NamespaceCluster(2) as hosts:
         cluster = StandaloneSpark(hosts, worker_memory="lots", start_timeout=60)
         with pytest.raises(
-            SparkClusterError, match=r"(?s)worker 1 exited with status 1 .*Usage: Worker"
+            SparkClusterError, match=r"(?s)worker 1 exited with 1 before .*Usage: Worker"
         ):
             cluster.start()
         assert cluster.pids() == []  # what had started was stopped

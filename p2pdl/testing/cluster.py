@@ -16,18 +16,29 @@ import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from p2pdl.errors import P2PDLError
 from p2pdl.launch.procs import signal_group, stop_processes
+from p2pdl.testing.output import ProcessOutput
 
 
 class ClusterError(P2PDLError):
     """A cluster process failed, or did not reach a state within its deadline."""
+
+
+def _event(line: str) -> dict[str, Any] | None:
+    """The JSON event a node printed on this line, if it is one."""
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) and "event" in event else None
 
 
 @dataclass
@@ -36,13 +47,14 @@ class NodeProcess:
 
     rank: int
     popen: subprocess.Popen[bytes]
-    events: list[dict[str, Any]] = field(default_factory=list)
-    lines: list[str] = field(default_factory=list)
-    changed: threading.Condition = field(default_factory=threading.Condition)
-    eof: bool = False
+    output: ProcessOutput
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return self.output.items
 
     def log(self) -> str:
-        return "\n".join(self.lines)
+        return self.output.text()
 
 
 class LocalCluster:
@@ -122,51 +134,19 @@ class LocalCluster:
             env=self.env,
             cwd=self.cwd,
         )
-        node = NodeProcess(rank, popen)
-        threading.Thread(target=self._read, args=(node,), daemon=True).start()
+        node = NodeProcess(rank, popen, ProcessOutput(f"rank {rank}", popen, parse=_event))
         self.nodes.append(node)
         return node
-
-    @staticmethod
-    def _read(node: NodeProcess) -> None:
-        assert node.popen.stdout is not None
-        for raw in node.popen.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
-            with node.changed:
-                node.lines.append(line)
-                if line.startswith("{"):
-                    try:
-                        event = json.loads(line)
-                    except json.JSONDecodeError:
-                        event = None
-                    if isinstance(event, dict) and "event" in event:
-                        node.events.append(event)
-                node.changed.notify_all()
-        with node.changed:
-            node.eof = True
-            node.changed.notify_all()
 
     def wait_event(self, rank: int, event: str, timeout: float | None = None) -> dict[str, Any]:
         """Block until `rank` printed `event` (or fail if it exited / the deadline passed)."""
         node = self.nodes[rank]
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
-        with node.changed:
-            while True:
-                for item in node.events:
-                    if item["event"] == event:
-                        return item
-                if node.eof:
-                    raise ClusterError(
-                        f"rank {rank} exited with {node.popen.wait()} before '{event}'"
-                        f"\n--- rank {rank} log ---\n{node.log()}"
-                    )
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ClusterError(
-                        f"rank {rank} did not print '{event}' in time"
-                        f"\n--- rank {rank} log ---\n{node.log()}"
-                    )
-                node.changed.wait(min(left, 0.5))
+
+        def printed() -> dict[str, Any] | None:
+            return next((item for item in node.events if item["event"] == event), None)
+
+        return node.output.wait_for(printed, repr(event), deadline, error=ClusterError)
 
     def start(self) -> LocalCluster:
         """Start every rank and wait until all of them are connected."""

@@ -14,23 +14,21 @@ executors (one process group each) and removes the work folder.
 
 from __future__ import annotations
 
-import collections
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from p2pdl.errors import ConfigError, P2PDLError
 from p2pdl.launch.procs import stop_processes
 from p2pdl.testing.netns import Host, NamespaceCluster
+from p2pdl.testing.output import ProcessOutput
 
 __all__ = ["SparkClusterError", "StandaloneSpark", "spark_home"]
 
@@ -39,12 +37,18 @@ _MASTER_UI_PORT = 8080
 _WORKER_UI_PORT = 8081
 _LOG_LINES = 2000
 _STOP_GRACE = 5.0
+_TAIL = 30
+"""Lines of a daemon's log an error shows."""
 _ELECTED = re.compile(r"I have been elected leader|New state: ALIVE")
 _REGISTERED = re.compile(r"Registering worker (\d+\.\d+\.\d+\.\d+):\d+")
 
 
 class SparkClusterError(P2PDLError):
     """A Spark daemon did not start, or exited, within its deadline."""
+
+
+def _found(log: ProcessOutput, pattern: re.Pattern[str]) -> bool:
+    return any(pattern.search(line) for line in log.lines)
 
 
 def spark_home() -> str:
@@ -57,60 +61,6 @@ def spark_home() -> str:
     except ImportError:
         raise ConfigError("a Spark cluster needs pyspark (the [spark] extra)") from None
     return os.path.dirname(pyspark.__file__)
-
-
-class _DaemonLog:
-    """The last lines a daemon wrote (stdout and stderr together), read by a thread, and a
-    condition to wait for a line matching a pattern."""
-
-    def __init__(self, name: str, proc: subprocess.Popen[str]) -> None:
-        self.name = name
-        self.proc = proc
-        self.lines: collections.deque[str] = collections.deque(maxlen=_LOG_LINES)
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, name=f"log {name}", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip())
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def join(self, timeout: float) -> None:
-        """Wait for the reader to reach the end of the output (after the process ended)."""
-        self._reader.join(timeout)
-
-    def tail(self, lines: int = 30) -> str:
-        with self._changed:
-            return "\n".join(list(self.lines)[-lines:])
-
-    def wait_for(
-        self, what: str, found: Any, deadline: float, watch: Sequence[_DaemonLog] = ()
-    ) -> None:
-        """Wait until `found(lines)` is true; SparkClusterError when this daemon or one in
-        `watch` exits first, or when `deadline` (time.monotonic()) passes."""
-        with self._changed:
-            while not found(self.lines):
-                for daemon in (self, *watch):
-                    if daemon.proc.poll() is not None:
-                        text = self.tail_locked() if daemon is self else daemon.tail()
-                        raise SparkClusterError(
-                            f"{daemon.name} exited with status {daemon.proc.returncode} before "
-                            f"{what}:\n{text}"
-                        )
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise SparkClusterError(
-                        f"{self.name}: no {what} within the deadline:\n{self.tail_locked()}"
-                    )
-                self._changed.wait(min(left, 1.0))  # wakes on every line; polls for exit
-
-    def tail_locked(self, lines: int = 30) -> str:
-        return "\n".join(list(self.lines)[-lines:])
 
 
 class StandaloneSpark:
@@ -139,7 +89,7 @@ class StandaloneSpark:
         self.worker_memory = worker_memory
         self.start_timeout = start_timeout
         self.home = spark_home()
-        self._logs: list[_DaemonLog] = []
+        self._logs: list[ProcessOutput] = []
         self._work: Path | None = None
 
     @property
@@ -200,7 +150,11 @@ class StandaloneSpark:
                 ],
             )
             master.wait_for(
-                "election as leader", lambda ls: any(_ELECTED.search(x) for x in ls), deadline
+                lambda: _found(master, _ELECTED) or None,
+                "election as leader",
+                deadline,
+                error=SparkClusterError,
+                last=_TAIL,
             )
             for host in self.worker_hosts:
                 self._daemon(
@@ -215,18 +169,23 @@ class StandaloneSpark:
                 )
             wanted = {host.address for host in self.worker_hosts}
 
-            def registered(lines: Sequence[str]) -> bool:
-                seen = {m.group(1) for x in lines if (m := _REGISTERED.search(x))}
-                return wanted <= seen
+            def registered() -> bool | None:
+                seen = {m.group(1) for x in master.lines if (m := _REGISTERED.search(x))}
+                return True if wanted <= seen else None
 
             master.wait_for(
-                "registration of every worker", registered, deadline, watch=self._logs[1:]
+                registered,
+                "registration of every worker",
+                deadline,
+                error=SparkClusterError,
+                watch=self._logs[1:],
+                last=_TAIL,
             )
         except BaseException:
             self.close()
             raise
 
-    def _daemon(self, name: str, host: Host, args: list[str]) -> _DaemonLog:
+    def _daemon(self, name: str, host: Host, args: list[str]) -> ProcessOutput:
         proc = host.popen(
             [os.path.join(self.home, "bin", "spark-class"), *args],
             env=self.env(host),
@@ -235,7 +194,7 @@ class StandaloneSpark:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        log = _DaemonLog(name, proc)
+        log = ProcessOutput(name, proc, keep=_LOG_LINES)
         self._logs.append(log)
         return log
 
@@ -257,7 +216,7 @@ class StandaloneSpark:
 
     def logs(self, lines: int = 30) -> str:
         """The end of every daemon's log (for a failed test's report)."""
-        return "\n".join(f"--- {log.name}\n{log.tail(lines)}" for log in self._logs)
+        return "\n".join(f"--- {log.name}\n{log.text(lines)}" for log in self._logs)
 
     # ------------------------------------------------------------------ the driver
     def run_driver(

@@ -16,7 +16,6 @@ SIGTERM, so a program may end right after its last collective without failing th
 
 from __future__ import annotations
 
-import _thread
 import asyncio
 import atexit
 import contextlib
@@ -58,7 +57,7 @@ class LoopBridge:
         if threading.current_thread() is getattr(self.loop, "_p2pdl_thread", None):
             coro.close()
             raise RuntimeError("a blocking p2pdl call was made on the node's own loop thread")
-        finished = _thread.allocate_lock()
+        finished = threading.Lock()
         finished.acquire()
         started: list[asyncio.Task[T]] = []
 

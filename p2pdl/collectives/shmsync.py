@@ -10,7 +10,8 @@ number + 1, the same on every rank for matched calls) moves a rank's block throu
     done    = seq   (it has finished, or failed, this call)
 
 and after each step it rings every peer's doorbell. A waiter checks its peers' blocks; it
-spins a little when every rank has a core of its own, then sleeps on its doorbell under the
+spins a little when every rank has a core of its own (otherwise it yields its core a few
+times, so that a runnable peer can get there), then sleeps on its doorbell under the
 call's deadline (its operation's), with a future per missing peer registered on the
 operation, so a lost link fails the call with `PeerLostError` naming the rank and a timeout
 names the ranks that never got there.
@@ -44,6 +45,14 @@ DESC_MAX = CONTROL_BYTES - _DESC_AT
 SPIN_S = 30e-6
 """How long a waiter polls its peers' blocks before it sleeps on its doorbell (only when
 every rank of the call has a core: a spinning rank would otherwise take its peer's)."""
+
+
+YIELDS = 20
+"""When ranks outnumber the cores (no spinning), how many times a waiter first yields its core
+(`sched_yield`) and checks again before it sleeps on its doorbell: a peer that is runnable
+on this core gets it at once, instead of both paying a sleep and an eventfd wake-up
+(`bench schedule --nodes 4` on 2 cores: 1,189-1,212 -> 1,403-1,531 it/s; a 4-rank 4 KiB
+allreduce 1.12 -> 0.94-0.96 ms, with less CPU)."""
 
 
 def supported() -> bool:
@@ -157,8 +166,9 @@ async def wait_until(
 ) -> None:
     """Until `ready[p]()` holds for every peer `p`, within `op`'s deadline.
 
-    Spins up to `spin_s` first; then each missing peer gets a future on `op` (a lost link
-    to it fails the call, a timeout names it) and the loop sleeps on `bell`.
+    Spins up to `spin_s` first (or, without spinning, yields the core `YIELDS` times); then
+    each missing peer gets a future on `op` (a lost link to it fails the call, a timeout
+    names it) and the loop sleeps on `bell`.
     """
     left = [(p, check) for p, check in ready.items() if not check()]
     if not left:
@@ -169,6 +179,12 @@ async def wait_until(
             left = [(p, check) for p, check in left if not check()]
         if not left:
             return
+    else:
+        for _ in range(YIELDS):
+            os.sched_yield()
+            left = [(p, check) for p, check in left if not check()]
+            if not left:
+                return
     futures = {p: op.expect(p, check) for p, check in left}
     try:
         while True:

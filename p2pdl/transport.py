@@ -175,6 +175,8 @@ class Link(asyncio.BufferedProtocol):
         """Retired tag ranges, start -> stop, oldest first (at most `_RETIRED_KEPT`)."""
         self._retired_starts: list[int] = []
         """The same starts, sorted: one bisect tells whether a tag is retired."""
+        self._retired_newest: int | None = None
+        """The start of the range retired last (the next adjacent one extends it)."""
         self._guards: list[tuple[int, int, HeaderCheck, Callable[[P2PDLError], None]]] = []
         self._discard_buffer: memoryview | None = None
         self._sealer: Sealer | None = None
@@ -561,23 +563,34 @@ class Link(asyncio.BufferedProtocol):
     def retire(self, lo: int, hi: int) -> None:
         """Drop frames with tags in [lo, hi) from now on: they belong to an abandoned operation.
 
-        Ranges must not overlap (each is one operation's tags); the newest 256 are kept.
+        Ranges must not overlap (each is one operation's tags); the newest 256 are kept, and
+        one that starts where the newest ends extends it (operations mostly finish in order,
+        so a run of them costs one entry).
 
         Posted receives in the range are cancelled and early frames freed; a large frame that
         was waiting for its buffer is skipped so the connection flows again.
         """
-        if lo not in self._retired:
-            bisect.insort(self._retired_starts, lo)
-        self._retired[lo] = max(hi, self._retired.get(lo, hi))
-        if len(self._retired) > _RETIRED_KEPT:
-            oldest = next(iter(self._retired))
-            del self._retired[oldest]
-            self._retired_starts.remove(oldest)
-        self._guards = [g for g in self._guards if not (lo <= g[0] and g[1] <= hi)]
-        for tag in [t for t in self._posted if lo <= t < hi]:
-            self.cancel_post(tag)
-        for tag in [t for t in self._early if lo <= t < hi]:
-            self._early_bytes -= len(self._early.pop(tag)[1])
+        retired = self._retired
+        newest = self._retired_newest
+        if newest is not None and retired.get(newest) == lo:
+            retired[newest] = hi
+        else:
+            if lo not in retired:
+                bisect.insort(self._retired_starts, lo)
+            retired[lo] = max(hi, retired.get(lo, hi))
+            self._retired_newest = lo
+            if len(retired) > _RETIRED_KEPT:
+                oldest = next(iter(retired))
+                del retired[oldest]
+                self._retired_starts.remove(oldest)
+        if self._guards:
+            self._guards = [g for g in self._guards if not (lo <= g[0] and g[1] <= hi)]
+        if self._posted:
+            for tag in [t for t in self._posted if lo <= t < hi]:
+                self.cancel_post(tag)
+        if self._early:
+            for tag in [t for t in self._early if lo <= t < hi]:
+                self._early_bytes -= len(self._early.pop(tag)[1])
         pending = self._reader.pending_head
         if (
             pending is not None

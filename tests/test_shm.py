@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import itertools
 import os
 import threading
@@ -22,7 +23,12 @@ pytestmark = pytest.mark.skipif(
 
 
 def segment_fds() -> list[int]:
-    """This process's descriptors of p2pdl segments (every rank of a test cluster's)."""
+    """This process's descriptors of p2pdl segments (every rank of a test cluster's).
+
+    Collects garbage first: an earlier test's mapping that an array in a reference cycle
+    still viewed (an error's traceback) holds a duplicate descriptor until the GC frees it.
+    """
+    gc.collect()
     fds = []
     for name in os.listdir("/proc/self/fd"):
         try:

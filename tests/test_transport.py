@@ -143,17 +143,29 @@ def test_retired_ranges_drop_late_frames_and_the_newest_256_are_kept() -> None:
     async def body() -> None:
         link = Link(Limits())
         block = 1 << 24
-        for op in range(300):
+        for op in range(0, 600, 2):  # apart: one entry each
             link.retire(op * block, (op + 1) * block)
-        assert not link._is_retired(43 * block + 5)  # forgotten: only the newest 256 stay
-        assert link._is_retired(44 * block)
-        assert link._is_retired(299 * block + block - 1)
-        assert not link._is_retired(300 * block)
+        assert len(link._retired) == 256
+        assert not link._is_retired(86 * block + 5)  # forgotten: only the newest 256 stay
+        assert link._is_retired(88 * block)
+        assert not link._is_retired(89 * block)  # never retired
+        assert link._is_retired(598 * block + block - 1)
+        assert not link._is_retired(599 * block)
         assert not link._is_retired(-1)
-        link.retire(1000 * block, 1000 * block + 10)  # a gap between retired ranges
-        assert link._is_retired(1000 * block + 9)
-        assert not link._is_retired(1000 * block + 10)
-        assert not link._is_retired(500 * block)
+        # Operations that end in order extend the newest range: one entry for the run.
+        for op in range(1000, 1300):
+            link.retire(op * block, (op + 1) * block)
+        assert len(link._retired) == 256
+        assert link._is_retired(1000 * block) and link._is_retired(1299 * block + block - 1)
+        assert link._is_retired(598 * block)  # still kept: the run took one entry
+        assert not link._is_retired(1300 * block)
+        link.retire(2000 * block, 2000 * block + 10)  # a gap between retired ranges
+        assert link._is_retired(2000 * block + 9)
+        assert not link._is_retired(2000 * block + 10)
+        assert not link._is_retired(1500 * block)
+        link.retire(1500 * block, 1501 * block)  # out of order: its own entry
+        assert link._is_retired(1500 * block) and not link._is_retired(1501 * block)
+        assert not link._is_retired(1499 * block + block - 1)
 
     run(body())
 

@@ -521,7 +521,7 @@ class Collectives:
             assert host_ids is not None
             await operation.run(lambda: allreduce_hierarchical(ctx, host_ids, self.shm))
         elif algorithm == "shm":
-            await operation.run(lambda: allreduce_shm(ctx, self.shm))
+            await operation.run(lambda: allreduce_shm(ctx, self.shm), lazy=True)
         else:
             await operation.run(lambda: ALGORITHMS[algorithm](ctx))
 

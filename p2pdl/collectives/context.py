@@ -90,32 +90,31 @@ class ReduceContext:
         `inline` runs it on the calling thread whatever its size (a caller that has nothing
         else for the loop to do meanwhile).
         """
-        nbytes = dst.nbytes * max(1, len(sources))
-        compression = self.compression
-        scale = self.final_scale() if final else None
-        parallel = self._parallel(dst.size)
-        op, kind = self.reduce_op, self.element
-        plain_sum = self.plain_sum
-
-        def work() -> None:
-            if plain_sum:
-                sum_in_rank_order(dst, sources, parallel)
-            elif compression is None:
-                reduce_sources(dst, sources, op, kind, parallel)
-            else:
-                decode_add = (
-                    kernels.decode_add_bf16 if compression == "bf16" else (kernels.decode_add_fp16)
-                )
-                for source in sources:
-                    if source is not dst:
-                        decode_add(dst, source, parallel=parallel)
-            if scale is not None:
-                scale_buffer(dst, kind, scale, parallel)
-
         if inline:
-            work()
+            self.reduce_now(dst, sources, final=final)
         else:
-            await self.compute.run(nbytes, work)
+            nbytes = dst.nbytes * max(1, len(sources))
+            await self.compute.run(nbytes, lambda: self.reduce_now(dst, sources, final=final))
+
+    def reduce_now(self, dst: np.ndarray, sources: list[np.ndarray], *, final: bool = True) -> None:
+        """`reduce_chunk`'s reduction, on the calling thread."""
+        compression = self.compression
+        parallel = self._parallel(dst.size)
+        kind = self.element
+        if self.plain_sum:
+            sum_in_rank_order(dst, sources, parallel)
+        elif compression is None:
+            reduce_sources(dst, sources, self.reduce_op, kind, parallel)
+        else:
+            decode_add = (
+                kernels.decode_add_bf16 if compression == "bf16" else kernels.decode_add_fp16
+            )
+            for source in sources:
+                if source is not dst:
+                    decode_add(dst, source, parallel=parallel)
+        scale = self.final_scale() if final else None
+        if scale is not None:
+            scale_buffer(dst, kind, scale, parallel)
 
     def final_scale(self) -> float | None:
         """The factor of the final reduction: the mean's 1/world_size, a sub-group's own."""

@@ -79,6 +79,10 @@ class Group(Protocol):
     def next_op_id(self) -> int: ...
 
 
+def _nothing() -> None:
+    pass
+
+
 class Operation:
     """Tags, descriptor checks, missing-rank bookkeeping and failure for one collective.
 
@@ -120,6 +124,9 @@ class Operation:
         self._task: asyncio.Task[Any] | None = None
         self._cancelled = False
         self._reported = False
+        self._armed = False
+        self._unwatch: Callable[[], None] = _nothing
+        self._timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------------- frames
     def _check(self, peer: int) -> Callable[[dict[str, Any], int], None]:
@@ -149,6 +156,8 @@ class Operation:
     ) -> asyncio.Future[Any]:
         """Post a receive for frame `sub` from `peer` into `view` (None: a new buffer of at
         most `limit` bytes: names, acknowledgements and verdicts are tiny)."""
+        if not self._armed and self._task is not None:
+            self.arm()
         future = self.group.link(peer).post(self.base | sub, view, self._check(peer), limit=limit)
         self._waiting[future] = peer
         future.add_done_callback(self._settled)
@@ -184,6 +193,8 @@ class Operation:
         """Send frame `sub` to `peer`; dropped if the peer has gone (it needs nothing more:
         had it still needed this frame, it would not have returned; had it died, the ranks
         waiting for it find out)."""
+        if not self._armed and self._task is not None:
+            self.arm()
         link = self.group.link(peer)
         if link.lost is None:
             try:
@@ -197,48 +208,41 @@ class Operation:
         log.debug("%s: dropped frame %d for rank %d, which has left", self.name, sub, peer)
 
     # ------------------------------------------------------------------------ running
-    async def run(self, body: Callable[[], Awaitable[T]]) -> T:
+    async def run(self, body: Callable[[], Awaitable[T]], *, lazy: bool = False) -> T:
         """Run `body` under the deadline; translate loss, mismatch and timeout into errors.
 
         The body runs in the caller's task (no task per operation); `fail` cancels that task
-        while the operation runs, and `run` turns the cancellation back into the error.
+        while the operation runs (the deadline's timer too), and `run` turns the cancellation
+        back into the error. `lazy`: arm the operation (`arm`) only once the body is about to
+        wait for a peer — its receives and `expect` arm it, and a body that may wait on
+        anything else must call `arm` first — so a call that finds every peer ready
+        (shared memory) pays for no guards, watcher or timer.
         """
-        group = self.group
-        span = self.base + (1 << SUB_BITS)
-        for peer in self.peers:
-            link = group.link(peer)
-            # Every frame of this operation from `peer` is checked as it arrives, posted
-            # for or not; an abort frame fails the operation with the reason it carries.
-            # (A lost link fails the receives that need it, when they are posted.)
-            if link.lost is None:
-                link.guard(self.base, span, self._check(peer), self.fail)
-        unwatch = group.watch(self._on_peer_lost)
         task = asyncio.current_task()
         assert task is not None
         self._task = task
+        if not lazy:
+            self.arm()
         try:
             if self._error is not None:  # an abort that arrived before we started
                 raise self._error
-            async with asyncio.timeout_at(self.deadline):
-                return await body()
+            return await body()
         except asyncio.CancelledError:
             if self._cancelled and task.uncancel() == 0 and self._error is not None:
                 raise self._error from None
             raise
-        except TimeoutError:
-            # The deadline has already cancelled the receives: those count as missing too.
-            missing = {p for f, p in self._waiting.items() if f.cancelled() or not f.done()}
-            self._error = CollectiveTimeoutError(self.name, self.timeout, missing)
-            raise self._error from None
         except P2PDLError as exc:
             self._error = self._error or exc
             raise self._error from None
         finally:
             self._task = None
-            unwatch()
+            if self._armed:
+                self._disarm()
             if self._error is not None:
                 self._broadcast_abort(self._error)
             self._retire()
+            group = self.group
+            span = self.base + (1 << SUB_BITS)
             opening = [
                 future
                 for peer in self.peers
@@ -249,6 +253,40 @@ class Operation:
                 # operation returns only once nothing writes them any more.
                 with contextlib.suppress(BaseException):
                     await asyncio.shield(asyncio.gather(*opening, return_exceptions=True))
+
+    def arm(self) -> None:
+        """Check this operation's frames as they arrive (an abort frame fails it), watch for
+        lost links, and start the deadline's timer; once per operation."""
+        if self._armed:
+            return
+        self._armed = True
+        group = self.group
+        span = self.base + (1 << SUB_BITS)
+        for peer in self.peers:
+            link = group.link(peer)
+            # Every frame of this operation from `peer` is checked as it arrives, posted
+            # for or not (frames that came before are checked now); an abort frame fails the
+            # operation with the reason it carries. (A lost link fails the receives that
+            # need it, when they are posted.)
+            if link.lost is None:
+                link.guard(self.base, span, self._check(peer), self.fail)
+        self._unwatch = group.watch(self._on_peer_lost)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(self.deadline, self._expire)
+
+    def _disarm(self) -> None:
+        self._armed = False
+        self._unwatch()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        """The deadline: fail with the ranks still missing (receives not in, progress not
+        made)."""
+        self._timer = None
+        missing = {p for f, p in self._waiting.items() if not f.done()}
+        self.fail(CollectiveTimeoutError(self.name, self.timeout, missing))
 
     def fail(self, error: P2PDLError) -> None:
         """Fail the operation with `error` (first error wins)."""

@@ -85,6 +85,13 @@ class ControlBlock:
         """The identity of the data segment named at `enter` (see `shmfd.Offer.ident`)."""
         return bytes(self._map[_IDENT_AT : _IDENT_AT + _IDENT_BYTES])
 
+    def names(self, descriptor: bytes) -> bool:
+        """Whether this block's call is the one `descriptor` (as `enter` wrote it) names."""
+        desc = descriptor[:DESC_MAX]
+        return int(self.words[DESC_LEN]) == len(desc) and (
+            self._map[_DESC_AT : _DESC_AT + len(desc)] == desc
+        )
+
     def descriptor(self) -> str:
         length = min(self[DESC_LEN], DESC_MAX)
         return bytes(self._map[_DESC_AT : _DESC_AT + length]).decode("utf-8", "replace")
@@ -158,33 +165,35 @@ def ring(fds: list[int]) -> None:
             os.eventfd_write(fd, 1)
 
 
-async def wait_until(
-    op: Operation,
-    bell: Doorbell,
-    ready: dict[int, Callable[[], bool]],
-    spin_s: float = 0.0,
-) -> None:
-    """Until `ready[p]()` holds for every peer `p`, within `op`'s deadline.
-
-    Spins up to `spin_s` first (or, without spinning, yields the core `YIELDS` times); then
-    each missing peer gets a future on `op` (a lost link to it fails the call, a timeout
-    names it) and the loop sleeps on `bell`.
-    """
+def spin_until(
+    ready: dict[int, Callable[[], bool]], spin_s: float = 0.0
+) -> list[tuple[int, Callable[[], bool]]]:
+    """Check `ready[p]()` for every peer `p`, polling up to `spin_s` (or, without spinning,
+    yielding the core `YIELDS` times); the peers still not ready."""
     left = [(p, check) for p, check in ready.items() if not check()]
     if not left:
-        return
+        return left
     if spin_s > 0:
         end = time.perf_counter() + spin_s
         while left and time.perf_counter() < end:
             left = [(p, check) for p, check in left if not check()]
-        if not left:
-            return
     else:
         for _ in range(YIELDS):
             os.sched_yield()
             left = [(p, check) for p, check in left if not check()]
             if not left:
-                return
+                break
+    return left
+
+
+async def sleep_until(
+    op: Operation, bell: Doorbell, left: list[tuple[int, Callable[[], bool]]]
+) -> None:
+    """Until `check()` holds for every `(peer, check)` of `left`, sleeping on `bell`, within
+    `op`'s deadline: each missing peer gets a future on `op` (a lost link to it fails the
+    call, a timeout names it)."""
+    if not left:
+        return
     futures = {p: op.expect(p, check) for p, check in left}
     try:
         while True:
@@ -204,3 +213,14 @@ async def wait_until(
         for future in futures.values():
             if not future.done():
                 future.cancel()
+
+
+async def wait_until(
+    op: Operation,
+    bell: Doorbell,
+    ready: dict[int, Callable[[], bool]],
+    spin_s: float = 0.0,
+) -> None:
+    """Until `ready[p]()` holds for every peer `p`, within `op`'s deadline: `spin_until`,
+    then `sleep_until`."""
+    await sleep_until(op, bell, spin_until(ready, spin_s))

@@ -22,6 +22,7 @@ from .compress import (
     encode_round_bf16,
     scale_bf16,
 )
+from .fence import full_fence
 from .optim import adam_step, sgd_step
 from .quant import dequantize_int8, quantize_int8
 from .reduce import reduce_into, reduce_into_bf16
@@ -40,6 +41,7 @@ __all__ = [
     "encode_bf16",
     "encode_fp16",
     "encode_round_bf16",
+    "full_fence",
     "parallel_threshold",
     "precompile",
     "quantize_int8",

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import CancelledError, Future
 from typing import Any, TypeVar
 
+from p2pdl.collectives.inline import DONE as INLINE_DONE
 from p2pdl.node import Node
 
 __all__ = ["LoopBridge", "SyncGroup", "SyncNode", "bridge_of", "connect"]
@@ -41,13 +42,33 @@ class LoopBridge:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.lock = threading.Lock()
+        """Held while work is handed to the loop, and by a call that runs on its caller's
+        thread (`exclusive`): no work reaches the loop meanwhile."""
+        self._pending: set[object] = set()
+        """Work handed to the loop and not finished (one token each; the loop discards it)."""
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         """Start `coro` on the loop without waiting (for overlapping work)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        token = object()
+        with self.lock:
+            self._pending.add(token)
+            try:
+                future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+            except BaseException:
+                self._pending.discard(token)
+                raise
+        future.add_done_callback(lambda _future: self._pending.discard(token))
+        return future
 
-    def call(self, coro: Coroutine[Any, Any, T], wait: float | None) -> T:
-        """Run `coro` on the loop and wait up to `wait` seconds (None: no limit) for it.
+    @property
+    def idle(self) -> bool:
+        """Nothing handed to the loop is still running (read it holding `lock`)."""
+        return not self._pending
+
+    def call(self, coro: Coroutine[Any, Any, T], wait: float | None, *, locked: bool = False) -> T:
+        """Run `coro` on the loop and wait up to `wait` seconds (None: no limit) for it
+        (`locked`: the caller holds `lock` already).
 
         One lock instead of `run_coroutine_threadsafe`'s concurrent future, condition and
         future chaining: the task's done callback releases the caller (measured on the
@@ -60,21 +81,31 @@ class LoopBridge:
         finished = threading.Lock()
         finished.acquire()
         started: list[asyncio.Task[T]] = []
+        token = object()
+        pending = self._pending
+
+        def done(_task: asyncio.Task[T]) -> None:
+            pending.discard(token)
+            finished.release()
 
         def start() -> None:
             try:
                 task = self.loop.create_task(coro)
             except BaseException:
+                pending.discard(token)
                 finished.release()
                 raise
             started.append(task)
-            task.add_done_callback(lambda _task: finished.release())
+            task.add_done_callback(done)
 
-        try:
-            self.loop.call_soon_threadsafe(start)
-        except RuntimeError:  # the loop is closed
-            coro.close()
-            raise
+        with contextlib.nullcontext() if locked else self.lock:
+            pending.add(token)
+            try:
+                self.loop.call_soon_threadsafe(start)
+            except RuntimeError:  # the loop is closed
+                pending.discard(token)
+                coro.close()
+                raise
         try:
             if not finished.acquire(timeout=-1 if wait is None else wait):
                 raise TimeoutError(f"the node's loop did not answer within {wait:g}s")
@@ -100,6 +131,10 @@ def wait_for(node: Node, timeout: float | None) -> float:
     """How long a blocking call waits: its operation deadline, plus a grace for the loop."""
     return (node.timeouts.operation if timeout is None else max(0.0, timeout)) + GRACE
 
+
+_PLAIN_DEFAULTS = frozenset({"compression", "premul", "on_slice", "on_chunk"})
+"""`allreduce` options that, left at None, keep a call eligible to run on its caller's
+thread (`p2pdl.collectives.inline`)."""
 
 _OPEN: weakref.WeakSet[SyncNode] = weakref.WeakSet()
 
@@ -172,10 +207,31 @@ class SyncNode:
         return self.node.timeouts
 
     def allreduce(self, array: Any, op: str = "sum", algorithm: str = "auto", **kwargs: Any) -> Any:
-        """Blocking `Node.allreduce` (in place; returns `array`)."""
-        return self._call(
-            self.node.allreduce(array, op, algorithm, **kwargs), kwargs.get("timeout")
-        )
+        """Blocking `Node.allreduce` (in place; returns `array`).
+
+        A small float sum or mean through shared memory runs on this thread while the peers
+        keep up (`p2pdl.collectives.inline`): no hop to the loop thread and back.
+        """
+        timeout = kwargs.get("timeout")
+        plain = all(kwargs[k] is None for k in kwargs.keys() & _PLAIN_DEFAULTS)
+        if not self._closed and plain and kwargs.keys() <= _PLAIN_DEFAULTS | {"timeout"}:
+            bridge = self.bridge
+            with bridge.lock:
+                if bridge.idle:
+                    loop = self._loop
+                    taken = self.node.collectives.allreduce_inline(
+                        array,
+                        op=op,
+                        algorithm=algorithm,
+                        timeout=timeout,
+                        loop_time=loop.time,
+                        on_loop=loop.call_soon_threadsafe,
+                    )
+                    if taken is not None:
+                        if taken != INLINE_DONE:
+                            bridge.call(taken(), wait_for(self.node, timeout), locked=True)
+                        return array
+        return self._call(self.node.allreduce(array, op, algorithm, **kwargs), timeout)
 
     def reduce_scatter(self, array: Any, op: str = "sum", **kwargs: Any) -> tuple[int, int]:
         return self._call(self.node.reduce_scatter(array, op, **kwargs), kwargs.get("timeout"))

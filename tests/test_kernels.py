@@ -233,3 +233,24 @@ def test_slice_bounds_properties(n, parts, align):
 def test_slice_bounds_validation(args, exc):
     with pytest.raises(exc):
         K.slice_bounds(*args)
+
+
+def test_full_fence_is_compiled_from_its_signature_and_emits_a_fence() -> None:
+    """The fence that shared-memory waits rely on (`shmsync.ring`): compiled once, from an
+    explicit signature; its intrinsic is an LLVM ``fence seq_cst``: on x86-64 an ``mfence`` or
+    a locked read-modify-write, either of which orders earlier stores before later loads."""
+    from p2pdl.kernels import fence
+
+    K.full_fence()
+    if _jit.DISABLE_JIT:
+        return
+    (compiled,) = fence._FENCE
+    assert [str(sig) for sig in compiled.signatures] == ["()"]
+
+    def probe() -> None:  # the same intrinsic, compiled afresh (cached code is opaque)
+        fence._seq_cst_fence()
+
+    fresh = numba.njit("void()")(probe)
+    assert "fence seq_cst" in fresh.inspect_llvm(())
+    asm = fresh.inspect_asm(())
+    assert "mfence" in asm or "\tlock\t" in asm, asm

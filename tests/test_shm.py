@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from helpers import make_cluster, on_all, on_all_settled, run
 
-from p2pdl.collectives import shm, shmfd
+from p2pdl.collectives import shm, shmfd, shmsync
 from p2pdl.collectives.api import SHM_MIN_BYTES, choose_algorithm
-from p2pdl.errors import P2PDLError, SharedMemoryError
+from p2pdl.errors import CollectiveTimeoutError, P2PDLError, PeerLostError, SharedMemoryError
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "memfd_create"), reason="no memfd_create on this system"
@@ -353,5 +353,47 @@ def test_a_rank_that_fails_mid_call_tells_the_others_instead_of_letting_them_tim
             for result in results[1:]:
                 assert type(result) is P2PDLError, result  # not a CollectiveTimeoutError
                 assert "rank 0 failed: rank 0 cannot map" in str(result)
+
+    run(body())
+
+
+def test_a_silent_or_departing_rank_is_named_once_segments_are_set_up() -> None:
+    """With shared memory probed and every segment mapped, a call needs no frame at all: its
+    waits still have the call's deadline (a rank that never calls is named when it runs out)
+    and still see lost links (a rank that closes mid-call is named at once)."""
+
+    async def body() -> None:
+        async with make_cluster(3) as nodes:
+            warm = [np.ones(64, np.float32) for _ in nodes]
+            await on_all(nodes, lambda node: node.allreduce(warm[node.rank]))
+            assert [node.collectives.last_algorithm for node in nodes] == ["shm"] * 3
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            results = await asyncio.gather(
+                *(node.allreduce(np.ones(64, np.float32), timeout=0.5) for node in nodes[:2]),
+                return_exceptions=True,
+            )
+            assert loop.time() - started < 5
+            for result in results:
+                assert isinstance(result, CollectiveTimeoutError), result
+                assert result.missing == (2,), result
+        async with make_cluster(3) as nodes:
+            warm = [np.ones(64, np.float32) for _ in nodes]
+            await on_all(nodes, lambda node: node.allreduce(warm[node.rank]))
+            calls = [
+                asyncio.ensure_future(node.allreduce(np.ones(64, np.float32), timeout=60))
+                for node in nodes[:2]
+            ]
+            control = nodes[2].collectives.shm.controls
+            before = [control[r][1][shmsync.CURRENT] for r in (0, 1)]
+            while not all(control[r][1][shmsync.CURRENT] > before[r] for r in (0, 1)):
+                await asyncio.sleep(0)  # (until both have started: read from their blocks)
+            started = loop.time()
+            await nodes[2].close()
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert loop.time() - started < 30
+            for result in results:
+                assert isinstance(result, PeerLostError), result
+                assert tuple(result.ranks) == (2,), result
 
     run(body())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,8 @@ from p2pdl.collectives.dtypes import (
 from p2pdl.collectives.exchange import EMPTY, HELLO_SUB, move, reduce_from, with_verdicts
 from p2pdl.collectives.groups import GroupKey, GroupRegistry, SubGroup, check_ranks
 from p2pdl.collectives.hierarchical import allreduce_hierarchical, host_groups, worth_it
+from p2pdl.collectives.inline import DONE as INLINE_DONE
+from p2pdl.collectives.inline import Finish, start_inline
 from p2pdl.collectives.op import SUB_BITS, Group, Operation
 from p2pdl.collectives.p2p import Sequences, p2p_base, recv_bytes, send_bytes
 from p2pdl.collectives.plan import SlicePlan, owner_slices, plan_slices
@@ -161,15 +163,27 @@ def _digest(values: Sequence[object]) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
-def deadline_of(timeout: float | None, default: float) -> float:
-    """The loop-time deadline of one call: `timeout` seconds from now (`None`: `default`).
+def allreduce_descriptor(
+    name: str, algorithm: str, op: str, scaled: str, buffer: str, compression: str | None
+) -> str:
+    """What an allreduce's frames and control blocks name (ranks must agree on all of it)."""
+    return f"{name}({algorithm}, {op}{scaled}, {buffer}, {compression})"
 
-    `timeout=0` means zero: the call fails unless it needs no waiting at all."""
+
+def check_timeout(timeout: float | None, default: float) -> float:
+    """`timeout` in seconds (`None`: `default`); ValueError unless a number >= 0."""
     if timeout is None:
         timeout = default
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
         raise ValueError(f"timeout must be a number >= 0 or None, got {timeout!r}")
-    return asyncio.get_running_loop().time() + float(timeout)
+    return float(timeout)
+
+
+def deadline_of(timeout: float | None, default: float) -> float:
+    """The loop-time deadline of one call: `timeout` seconds from now (`None`: `default`).
+
+    `timeout=0` means zero: the call fails unless it needs no waiting at all."""
+    return asyncio.get_running_loop().time() + check_timeout(timeout, default)
 
 
 def deadline_timeout(deadline: float) -> float:
@@ -215,6 +229,11 @@ class Collectives:
         """The world group's collectives (itself, unless this is a subgroup's)."""
         self.label = ""
         """What this group's descriptors end with ("" for the world group)."""
+        self.inline_calls = {"finished": 0, "handed_off": 0}
+        """Blocking-facade allreduces run on the caller's thread: how many finished there,
+        how many were handed to the loop to finish (see `inline`)."""
+        self._unretired: tuple[int, int] | None = None
+        """Tags of operations that ran off the loop, retired with the next one on it."""
 
     @property
     def rank(self) -> int:
@@ -253,7 +272,52 @@ class Collectives:
 
     def _operation(self, name: str, descriptor: str, deadline: float, **kwargs: Any) -> Operation:
         """An operation of this group (its descriptor names the group)."""
+        self.flush_retired()
         return Operation(self.group, name, descriptor + self.label, deadline, **kwargs)
+
+    def retire_later(self, base: int) -> None:
+        """Retire operation `base`'s tags with the next operation made on the loop: it ran
+        off the loop (`inline`), exchanged no frames, and a late abort frame for it is dropped
+        then. Consecutive operations make one range."""
+        span = (base, base + (1 << SUB_BITS))
+        pending = self._unretired
+        if pending is not None and pending[1] == base:
+            self._unretired = (pending[0], span[1])
+        else:
+            self.flush_retired()
+            self._unretired = span
+
+    def flush_retired(self) -> None:
+        """Retire what `retire_later` kept (on the loop)."""
+        pending = self._unretired
+        if pending is not None:
+            self._unretired = None
+            for peer in range(self.group.world_size):
+                if peer != self.group.rank:
+                    self.group.link(peer).retire(*pending)
+
+    def allreduce_inline(
+        self,
+        array: Any,
+        *,
+        op: str = "sum",
+        algorithm: str = "auto",
+        timeout: float | None = None,
+        loop_time: Callable[[], float],
+        on_loop: Callable[[Callable[[], None]], None],
+    ) -> str | Finish | None:
+        """The blocking facade's allreduce on the calling thread (see `inline`): `DONE`, a
+        coroutine function to finish it on the loop, or None (not taken, nothing touched).
+        Only while nothing runs on the loop."""
+        return start_inline(
+            self,
+            array,
+            op=op,
+            algorithm=algorithm,
+            timeout=timeout,
+            loop_time=loop_time,
+            on_loop=on_loop,
+        )
 
     @property
     def one_host(self) -> bool:
@@ -371,6 +435,29 @@ class Collectives:
         called for consecutive pieces of the owned slice, each as soon as it is reduced, so
         the all-gather of early pieces overlaps the reduction of later ones. Give one of them.
         """
+        if (
+            self.shm.usable is True
+            and premul is None
+            and compression is None
+            and on_slice is None
+            and on_chunk is None
+        ):
+            # A plain small sum through shared memory: its steps run here and now while the
+            # peers keep up, and only what must wait is awaited (see `inline`).
+            loop = asyncio.get_running_loop()
+            taken = start_inline(
+                self,
+                arrays,
+                op=op,
+                algorithm=algorithm,
+                timeout=timeout,
+                loop_time=loop.time,
+                on_loop=loop.call_soon,
+            )
+            if taken is not None:
+                if taken != INLINE_DONE:
+                    await taken()
+                return
         await self._allreduce(
             arrays,
             op=op,
@@ -460,8 +547,8 @@ class Collectives:
         scaled = "" if premul is None else f", premul {float(premul)!r}"
 
         def prepare(algorithm: str) -> tuple[Operation, ReduceContext]:
-            descriptor = (
-                f"{name}({algorithm}, {op}{scaled}, {kind}[{buf.size}]{detail}, {compression})"
+            descriptor = allreduce_descriptor(
+                name, algorithm, op, scaled, f"{kind}[{buf.size}]{detail}", compression
             )
             operation = self._operation(name, descriptor, deadline)
             ctx = self._context(

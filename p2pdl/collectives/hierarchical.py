@@ -80,7 +80,7 @@ async def allreduce_hierarchical(
     local = next(g for g in groups if op.rank in g)
     leaders = [g[0] for g in groups]
     if arena is not None and arena.host_usable and len(local) > 1:
-        async with arena.turn:  # the arena's halves alternate per call, one call at a time
+        async with arena.taking_turns(ctx.op):  # halves alternate per call: one at a time
             await _within_host_shm(ctx, arena, local, leaders)
         return
     is_leader = op.rank == local[0]

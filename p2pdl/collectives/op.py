@@ -100,6 +100,7 @@ class Operation:
         base: int | None = None,
         peers: Sequence[int] | None = None,
         pair_descriptors: Mapping[int, str] | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.group = group
         self.name = name
@@ -109,7 +110,11 @@ class Operation:
         (the sizes of uneven gathers, scatters and all-to-alls: each pair knows its own)."""
         self.deadline = deadline
         """Loop time by which the whole operation must be done (one deadline per call)."""
-        self.timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+        self.timeout = (
+            max(0.0, deadline - asyncio.get_running_loop().time()) if timeout is None else timeout
+        )
+        """The seconds it was given (for messages); given, not computed, for an operation made
+        off the loop (the blocking facade's inline call, whose deadline is set on handoff)."""
         self.rank = group.rank
         self.world_size = group.world_size
         self.base = group.next_op_id() << SUB_BITS if base is None else base
@@ -168,6 +173,8 @@ class Operation:
         memory progress); the caller sets it once `done()` holds. Until then a timeout names
         `peer`, and a lost link to it fails the operation unless `done()` holds by then (it
         finished its part and left)."""
+        if not self._armed and self._task is not None:
+            self.arm()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting[future] = peer
         self._progress[future] = done
@@ -253,6 +260,14 @@ class Operation:
                 # operation returns only once nothing writes them any more.
                 with contextlib.suppress(BaseException):
                     await asyncio.shield(asyncio.gather(*opening, return_exceptions=True))
+
+    def end_detached(self, error: P2PDLError | None) -> None:
+        """End an operation that ran off the loop without `run` (the blocking facade's inline
+        call): tell the other ranks its error, and retire its tags. On the loop."""
+        if error is not None:
+            self._error = error
+            self._broadcast_abort(error)
+        self._retire()
 
     def arm(self) -> None:
         """Check this operation's frames as they arrive (an abort frame fails it), watch for

@@ -172,7 +172,10 @@ class ShmArena:
         self.pending: list[Segment] = []
         self.turn = asyncio.Lock()
         """One call at a time uses the segments, in call order (the halves alternate per
-        call; two calls in flight at once, as DDP's buckets are, would share a half)."""
+        call; two calls in flight at once, as DDP's buckets are, would share a half): take
+        it with `taking_turns`."""
+        self.in_turn = 0
+        """Calls that hold `turn` or wait for it (none: a call may run inline)."""
         self.server: FdServer | None = None
         """Serves this rank's offered segments (started with the first segment)."""
         self.make_fd: Callable[[int], int] = sealed_memfd
@@ -195,6 +198,11 @@ class ShmArena:
         """Per set of peers, their control blocks and doorbells (dropped when those change)."""
         self._bounds: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {}
         """Slice bounds per (size, world size), kept: planning them costs more than 4 KiB."""
+
+    def taking_turns(self, op: Operation) -> _Turn:
+        """`async with` it to hold `turn` (after this rank's earlier calls, FIFO: under
+        `op`'s deadline, which it arms if it must wait)."""
+        return _Turn(self, op)
 
     def own_segment(self, nbytes: int) -> Segment:
         """This rank's segment with at least `nbytes` per half (a new, larger one if needed),
@@ -441,6 +449,7 @@ class PeerSet:
 
     def __init__(self, blocks: dict[int, ControlBlock], rings: list[int]) -> None:
         self.blocks = blocks
+        self.block_list = list(blocks.values())
         self.rings = rings
 
 
@@ -451,12 +460,34 @@ async def allreduce_shm(ctx: ReduceContext, arena: ShmArena) -> None:
     arms it first (a receive or `expect` does so itself), so a call whose peers are ready
     never starts the deadline's timer or the link guards.
     """
-    turn = arena.turn
-    if turn.locked():
-        ctx.op.arm()  # it waits for this rank's earlier call: under this call's deadline
-    async with turn:  # FIFO: calls take their turns in call order on every rank
+    async with arena.taking_turns(ctx.op):
         steps = call_steps(ctx, arena)
         await finish(steps, advance(steps))
+
+
+class _Turn:
+    """Holding an arena's `turn` (see `ShmArena.taking_turns`)."""
+
+    __slots__ = ("arena", "op")
+
+    def __init__(self, arena: ShmArena, op: Operation) -> None:
+        self.arena = arena
+        self.op = op
+
+    async def __aenter__(self) -> None:
+        arena = self.arena
+        arena.in_turn += 1
+        try:
+            if arena.turn.locked():
+                self.op.arm()  # it waits for this rank's earlier calls
+            await arena.turn.acquire()
+        except BaseException:
+            arena.in_turn -= 1
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.arena.turn.release()
+        self.arena.in_turn -= 1
 
 
 class Wait:
@@ -476,7 +507,8 @@ class Wait:
 
     async def sleep(self) -> None:
         """Until it holds (after `spin` said no), on the doorbell, within the deadline."""
-        await shmsync.sleep_until(self.call.op, self.call.bell, self.left)
+        call = self.call
+        await shmsync.sleep_until(call.op, call.control, call.bell, self.left)
 
 
 Need = Wait | Callable[[], Awaitable[Any]]
@@ -527,12 +559,13 @@ class _Call:
         self.bell = bell
         self.seq = (ctx.op.base >> SUB_BITS) + 1
         self.blocks = found.blocks
+        self.peer_blocks = found.block_list
         self.rings = found.rings
         self.spin_s = arena.spin_s(ctx.world_size)
 
     def say(self, word: int) -> None:
         self.control.words[word] = self.seq
-        shmsync.ring(self.rings)
+        shmsync.ring(self.peer_blocks, self.rings)
 
     def until(self, word: int) -> Steps:
         """Until every peer has said `word` for this call (an error if one moved past it
@@ -620,7 +653,7 @@ def _steps(
         yield lambda: _send_all(op, peers, offer)
     descriptor = op.descriptor.encode()
     call.control.enter(call.seq, parity, own.ident, descriptor, offered=offering)
-    shmsync.ring(call.rings)
+    shmsync.ring(call.peer_blocks, call.rings)
     yield from call.until(ENTER)
     _mark(marks, "wait-enter")
     theirs: dict[int, np.ndarray] = {}

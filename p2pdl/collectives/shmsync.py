@@ -34,10 +34,11 @@ from collections.abc import Callable
 
 import numpy as np
 
+from p2pdl import kernels
 from p2pdl.collectives.op import Operation
 
 CONTROL_BYTES = 4096
-CURRENT, ENTER, OUT, DONE, PARITY, DESC_LEN, OFFERED = range(7)
+CURRENT, ENTER, OUT, DONE, PARITY, DESC_LEN, OFFERED, ASLEEP = range(8)
 _IDENT_AT = 64
 _IDENT_BYTES = 32
 _DESC_AT = 128
@@ -158,11 +159,18 @@ class Doorbell:
             self.fd = -1
 
 
-def ring(fds: list[int]) -> None:
-    """Ring peers' doorbells (a peer that has gone makes no difference here)."""
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.eventfd_write(fd, 1)
+def ring(blocks: list[ControlBlock], fds: list[int]) -> None:
+    """Ring the doorbells of the peers (`blocks[i]`'s owner has doorbell `fds[i]`) that are
+    asleep on theirs, after this rank's latest step: the fence orders that step's stores
+    before the reads of the peers' `ASLEEP` words (a peer sets its word, fences, then checks
+    the steps: one of the two sees the other). A peer that spins or runs needs no ring, and
+    its idle loop thread is not woken for nothing. A peer that has gone makes no difference.
+    """
+    kernels.full_fence()
+    for block, fd in zip(blocks, fds, strict=True):
+        if block.words[ASLEEP]:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(fd, 1)
 
 
 def spin_until(
@@ -187,14 +195,20 @@ def spin_until(
 
 
 async def sleep_until(
-    op: Operation, bell: Doorbell, left: list[tuple[int, Callable[[], bool]]]
+    op: Operation,
+    own: ControlBlock,
+    bell: Doorbell,
+    left: list[tuple[int, Callable[[], bool]]],
 ) -> None:
     """Until `check()` holds for every `(peer, check)` of `left`, sleeping on `bell`, within
     `op`'s deadline: each missing peer gets a future on `op` (a lost link to it fails the
-    call, a timeout names it)."""
+    call, a timeout names it). This rank's block (`own`) says it is asleep meanwhile, so
+    that peers ring (`ring`)."""
     if not left:
         return
     futures = {p: op.expect(p, check) for p, check in left}
+    own.words[ASLEEP] = 1
+    kernels.full_fence()  # the word is seen before the steps are read (see `ring`)
     try:
         while True:
             bell.drain()
@@ -210,6 +224,7 @@ async def sleep_until(
                 return
             await bell.wait()
     finally:
+        own.words[ASLEEP] = 0
         for future in futures.values():
             if not future.done():
                 future.cancel()
@@ -217,10 +232,11 @@ async def sleep_until(
 
 async def wait_until(
     op: Operation,
+    own: ControlBlock,
     bell: Doorbell,
     ready: dict[int, Callable[[], bool]],
     spin_s: float = 0.0,
 ) -> None:
     """Until `ready[p]()` holds for every peer `p`, within `op`'s deadline: `spin_until`,
     then `sleep_until`."""
-    await sleep_until(op, bell, spin_until(ready, spin_s))
+    await sleep_until(op, own, bell, spin_until(ready, spin_s))

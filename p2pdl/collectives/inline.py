@@ -1,0 +1,140 @@
+"""A small shared-memory allreduce run where it is called, while the peers keep up.
+
+When every rank is on this host and shared memory is set up, the steps of a shared-memory
+call (`shm.call_steps`) need nothing of the event loop as long as every wait is met by its
+bounded spin: this module runs them at once, synchronously, without an operation's guards,
+loss watcher and timer, and without argument handling beyond what such a call needs.
+
+- The asyncio API (`Collectives.allreduce`) runs them on the loop thread and awaits only
+  what is left (a wait whose spin was not met, a peer's new segment to fetch).
+- The blocking facade (`SyncNode.allreduce`) runs them on the caller's own thread: a call
+  handed to the loop thread costs two thread wake-ups (tens of microseconds on a VM), more
+  than a small shared-memory allreduce itself. Only while nothing handed to the loop is
+  still running (the bridge says so, and keeps new work out meanwhile): the call takes the
+  group's next operation number and this rank's segments, which loop-side calls also use.
+
+The first wait that its spin does not meet hands the rest of the same steps to the loop,
+where they finish under a normal operation (deadline, lost peers, abort frames): the same
+protocol either way, so calls that finish here and calls that finish on a loop work
+together. Only plain float sums and means below `shm.INLINE_BYTES`, with this rank's segment
+already mapped by every peer and no other shared-memory call holding or waiting for the
+arena; anything else — and any argument error — takes the normal path, which reports it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from p2pdl.collectives.dtypes import as_buffer, check_reduction
+from p2pdl.collectives.op import SUB_BITS, Operation
+from p2pdl.collectives.shm import INLINE_BYTES, advance, call_steps, finish
+from p2pdl.errors import P2PDLError
+
+if TYPE_CHECKING:
+    from p2pdl.collectives.api import Collectives
+
+DONE = "done"
+"""`start_inline` finished the call on the caller's thread."""
+
+Finish = Callable[[], Coroutine[Any, Any, None]]
+"""What finishes a call on the loop (the caller waits for it there)."""
+
+
+def start_inline(
+    coll: Collectives,
+    array: Any,
+    *,
+    op: str,
+    algorithm: str,
+    timeout: float | None,
+    loop_time: Callable[[], float],
+    on_loop: Callable[[Callable[[], None]], None],
+) -> str | Finish | None:
+    """Run `coll`'s allreduce of `array` on this thread as far as it goes without waiting.
+
+    Returns `DONE`, a coroutine function that finishes the call on the loop (run it there
+    next, before any other call), or None when the call does not qualify (nothing was
+    touched). `loop_time` reads the loop's clock (called on the loop), `on_loop` schedules
+    a function on the loop thread (an error's abort frames). Errors of the call itself are
+    raised here.
+    """
+    from p2pdl.collectives.api import allreduce_descriptor, check_timeout
+
+    arena = coll.shm
+    group = coll.group
+    if arena.usable is not True or algorithm not in ("auto", "shm") or not coll.one_host:
+        return None
+    try:
+        flat = as_buffer(array)
+        reduction = check_reduction(flat.kind, op, None, None)
+        seconds = check_timeout(timeout, coll.timeout)
+    except (TypeError, ValueError):
+        return None  # the normal path says what is wrong
+    buf = flat.array
+    if (
+        flat.kind not in ("float32", "float64")
+        or reduction not in ("sum", "mean")
+        or not 0 < buf.nbytes < INLINE_BYTES
+    ):
+        return None
+    peers = [p for p in range(group.world_size) if p != group.rank]
+    own = arena.own
+    if (
+        own is None
+        or own.half_bytes < buf.nbytes
+        or not own.mapped_by.issuperset(peers)
+        or arena.pending
+        or arena.in_turn
+        or arena.control is None
+        or any(p not in arena.controls or group.link(p).lost is not None for p in peers)
+    ):
+        return None
+    started = time.monotonic()
+    descriptor = allreduce_descriptor(
+        "allreduce", "shm", reduction, "", f"{flat.kind}[{buf.size}]", None
+    )
+    operation = Operation(
+        group,
+        "allreduce",
+        descriptor + coll.label,
+        0.0,  # set on the loop if the call goes there
+        base=group.next_op_id() << SUB_BITS,
+        timeout=seconds,
+    )
+    ctx = coll._context(
+        operation,
+        buf,
+        mean=reduction == "mean",
+        compression=None,
+        on_slice=None,
+        reduce_op=reduction,
+        kind=flat.kind,
+    )
+    coll.last_algorithm = "shm"
+    steps = call_steps(ctx, arena)
+    try:
+        need = advance(steps)
+    except BaseException as exc:
+        error = exc if isinstance(exc, P2PDLError) else P2PDLError(f"allreduce failed: {exc}")
+        on_loop(lambda: operation.end_detached(error))
+        raise
+    if need is None:
+        coll.retire_later(operation.base)
+        coll.inline_calls["finished"] += 1
+        return DONE
+    coll.inline_calls["handed_off"] += 1
+
+    async def finish_on_loop() -> None:
+        left = seconds - (time.monotonic() - started)
+        operation.deadline = loop_time() + max(0.0, left)
+        coll.flush_retired()
+
+        async def rest() -> None:
+            async with arena.taking_turns(operation):  # free: nothing ran since the check
+                await finish(steps, need)
+
+        await operation.run(rest, lazy=True)
+
+    return finish_on_loop

@@ -1,0 +1,162 @@
+"""The blocking facade's allreduce on the caller's thread (`p2pdl.collectives.inline`).
+
+Real processes for the path itself (two threads of one process share the GIL, so their spins
+rarely meet); threads of one process where a test must choose who waits for whom.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import short_timeouts
+
+import p2pdl
+from p2pdl.collectives.shmsync import CURRENT
+from p2pdl.errors import CollectiveTimeoutError, PeerLostError
+from p2pdl.launch import free_port
+from p2pdl.sync import SyncNode
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_blocking_allreduces_run_inline_and_match_the_loop_bit_for_bit() -> None:
+    """Two processes, 300 allreduces (1 to 70,000 elements, float32/float64, sum/mean):
+    most finish on the caller's thread, every result equals `sliced`'s over TCP bit for bit,
+    a mismatched call fails on both ranks as a mismatch, and the next call works."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "p2pdl", "launch", "-n", "2", "tests/inline_worker.py", "300"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=str(ROOT),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    reports = [
+        json.loads(line.split("] ", 1)[1])
+        for line in done.stdout.splitlines()
+        if line.startswith("[rank") and "{" in line
+    ]
+    assert sorted(r["rank"] for r in reports) == [0, 1], done.stdout
+    for report in reports:
+        assert report["differ"] == 0, report
+        counts = report["counts"]
+        assert counts["finished"] + counts["handed_off"] == 300, report  # (the first: not)
+        assert counts["finished"] > 0, report  # (a loaded machine hands more off)
+        assert "rank 1 called allreduce(shm, sum, float32[11]" in report["mismatch"] or (
+            "rank 0 called allreduce(shm, sum, float32[10]" in report["mismatch"]
+        ), report
+        assert report["after"] == 3.0, report
+
+
+@contextmanager
+def blocking_pair(**timeouts: float) -> Iterator[list[SyncNode]]:
+    """Two blocking nodes of one process (rank order); closed on exit."""
+    port, secret = free_port(), np.random.default_rng().bytes(16)
+    common: dict[str, Any] = {
+        "secret": secret,
+        "timeouts": short_timeouts(**timeouts),
+        "host": "127.0.0.1",
+        "handle_sigterm": False,
+    }
+
+    def make(rank: int) -> SyncNode:
+        if rank == 0:
+            return p2pdl.connect(0, world_size=2, port=port, **common)
+        return p2pdl.connect(leader=("127.0.0.1", port), port=0, **common)
+
+    with ThreadPoolExecutor(2) as pool:
+        nodes = [f.result(60) for f in [pool.submit(make, r) for r in range(2)]]
+    try:
+        nodes.sort(key=lambda node: node.rank)
+        with ThreadPoolExecutor(2) as pool:  # segments made and mapped by both
+            for f in [pool.submit(n.allreduce, np.ones(64, np.float32)) for n in nodes]:
+                f.result(60)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.close()
+
+
+def on_both(nodes: list[SyncNode], fn: Callable[[SyncNode], Any]) -> list[Any]:
+    with ThreadPoolExecutor(2) as pool:
+        return [f.result(60) for f in [pool.submit(fn, node) for node in nodes]]
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Until `condition()` (another thread's progress, read from shared state) or fail."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+def test_work_in_flight_on_the_loop_keeps_blocking_calls_off_the_inline_path() -> None:
+    """An overlapping call handed to the loop and not finished: the next blocking call
+    goes after it (the same order on both ranks: different sizes would mismatch)."""
+    with blocking_pair() as nodes:
+
+        def calls(node: SyncNode) -> tuple[float, float]:
+            first = np.full(1000, node.rank + 1.0, np.float32)
+            second = np.full(10, node.rank + 1.0, np.float32)
+            pending = node.submit(node.node.allreduce(first))
+            node.allreduce(second)
+            pending.result(30)
+            return float(first[0]), float(second[0])
+
+        for _ in range(20):
+            assert on_both(nodes, calls) == [(3.0, 3.0), (3.0, 3.0)]
+
+
+def test_a_silent_peer_times_out_and_is_named() -> None:
+    """Rank 1 does not call: rank 0's blocking allreduce hands its wait to the loop and
+    fails within its timeout, naming rank 1."""
+    with blocking_pair() as nodes:
+        collectives = nodes[0].node.collectives
+        handed = collectives.inline_calls["handed_off"]
+        started = time.monotonic()
+        with pytest.raises(CollectiveTimeoutError) as failed:
+            nodes[0].allreduce(np.ones(16, np.float32), timeout=0.5)
+        assert time.monotonic() - started < 10
+        assert failed.value.missing == (1,), failed.value
+        assert collectives.inline_calls["handed_off"] == handed + 1
+
+
+def test_a_peer_that_leaves_mid_call_is_named() -> None:
+    """Rank 0's blocking allreduce has started (its control block says so) when rank 1
+    closes its node: rank 0 fails with PeerLostError naming rank 1, not a timeout."""
+    with blocking_pair(operation=60.0) as nodes:
+        theirs = nodes[1].node.collectives.shm.controls[0][1]
+        before = theirs[CURRENT]
+        errors: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                nodes[0].allreduce(np.ones(16, np.float32))
+            except BaseException as exc:
+                errors.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        wait_for(lambda: theirs[CURRENT] > before, "rank 0's call to start")
+        started = time.monotonic()
+        nodes[1].close()
+        caller.join(30)
+        assert not caller.is_alive()
+        assert len(errors) == 1 and isinstance(errors[0], PeerLostError), errors
+        assert tuple(errors[0].ranks) == (1,), errors[0]
+        assert time.monotonic() - started < 30

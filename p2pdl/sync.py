@@ -27,6 +27,7 @@ from concurrent.futures import CancelledError, Future
 from typing import Any, TypeVar
 
 from p2pdl.collectives.inline import DONE as INLINE_DONE
+from p2pdl.collectives.inline import Finish, OnLoop
 from p2pdl.node import Node
 
 __all__ = ["LoopBridge", "SyncGroup", "SyncNode", "bridge_of", "connect"]
@@ -214,24 +215,44 @@ class SyncNode:
         """
         timeout = kwargs.get("timeout")
         plain = all(kwargs[k] is None for k in kwargs.keys() & _PLAIN_DEFAULTS)
-        if not self._closed and plain and kwargs.keys() <= _PLAIN_DEFAULTS | {"timeout"}:
-            bridge = self.bridge
-            with bridge.lock:
-                if bridge.idle:
-                    loop = self._loop
-                    taken = self.node.collectives.allreduce_inline(
-                        array,
-                        op=op,
-                        algorithm=algorithm,
-                        timeout=timeout,
-                        loop_time=loop.time,
-                        on_loop=loop.call_soon_threadsafe,
-                    )
-                    if taken is not None:
-                        if taken != INLINE_DONE:
-                            bridge.call(taken(), wait_for(self.node, timeout), locked=True)
-                        return array
+        if plain and kwargs.keys() <= _PLAIN_DEFAULTS | {"timeout"}:
+            collectives = self.node.collectives
+
+            def start(loop_time: Callable[[], float], on_loop: OnLoop) -> str | Finish | None:
+                return collectives.allreduce_inline(
+                    array,
+                    op=op,
+                    algorithm=algorithm,
+                    timeout=timeout,
+                    loop_time=loop_time,
+                    on_loop=on_loop,
+                )
+
+            if self._inline(start, timeout):
+                return array
         return self._call(self.node.allreduce(array, op, algorithm, **kwargs), timeout)
+
+    def _inline(
+        self,
+        start: Callable[[Callable[[], float], OnLoop], str | Finish | None],
+        timeout: float | None,
+    ) -> bool:
+        """Run a call on this thread (`start`, see `p2pdl.collectives.inline`) if nothing
+        handed to the loop is running, finishing on the loop if it must wait; False if it
+        was not taken (nothing touched)."""
+        if self._closed:
+            return False
+        bridge = self.bridge
+        with bridge.lock:
+            if not bridge.idle:
+                return False
+            loop = self._loop
+            taken = start(loop.time, loop.call_soon_threadsafe)
+            if taken is None:
+                return False
+            if taken != INLINE_DONE:
+                bridge.call(taken(), wait_for(self.node, timeout), locked=True)
+            return True
 
     def reduce_scatter(self, array: Any, op: str = "sum", **kwargs: Any) -> tuple[int, int]:
         return self._call(self.node.reduce_scatter(array, op, **kwargs), kwargs.get("timeout"))
@@ -243,7 +264,20 @@ class SyncNode:
         return self._call(self.node.broadcast(array, root, **kwargs), kwargs.get("timeout"))
 
     def barrier(self, **kwargs: Any) -> None:
-        self._call(self.node.barrier(**kwargs), kwargs.get("timeout"))
+        """Blocking `Node.barrier`; on shared memory it runs on this thread while the peers
+        keep up, as `allreduce` does."""
+        timeout = kwargs.get("timeout")
+        if kwargs.keys() <= {"timeout"}:
+            collectives = self.node.collectives
+
+            def start(loop_time: Callable[[], float], on_loop: OnLoop) -> str | Finish | None:
+                return collectives.barrier_inline(
+                    timeout=timeout, loop_time=loop_time, on_loop=on_loop
+                )
+
+            if self._inline(start, timeout):
+                return
+        self._call(self.node.barrier(**kwargs), timeout)
 
     # The rest of the collective set: blocking `Node` methods (same arguments).
     def reduce(self, array: Any, **kwargs: Any) -> Any:

@@ -15,7 +15,13 @@ from helpers import make_cluster, on_all, on_all_settled, run
 
 from p2pdl.collectives import shm, shmfd, shmsync
 from p2pdl.collectives.api import SHM_MIN_BYTES, choose_algorithm
-from p2pdl.errors import CollectiveTimeoutError, P2PDLError, PeerLostError, SharedMemoryError
+from p2pdl.errors import (
+    CollectiveMismatchError,
+    CollectiveTimeoutError,
+    P2PDLError,
+    PeerLostError,
+    SharedMemoryError,
+)
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "memfd_create"), reason="no memfd_create on this system"
@@ -395,5 +401,40 @@ def test_a_silent_or_departing_rank_is_named_once_segments_are_set_up() -> None:
             for result in results:
                 assert isinstance(result, PeerLostError), result
                 assert tuple(result.ranks) == (2,), result
+
+    run(body())
+
+
+def test_barriers_go_through_shared_memory_once_it_is_in_use() -> None:
+    """A barrier on ranks that use shared memory needs no frame: each rank's control block
+    moves on; one that meets an allreduce fails as a mismatch on both sides; one that a
+    rank skips times out naming it."""
+
+    async def body() -> None:
+        async with make_cluster(3) as nodes:
+            await on_all(nodes, lambda node: node.barrier())  # over TCP: not probed yet
+            warm = [np.ones(64, np.float32) for _ in nodes]
+            await on_all(nodes, lambda node: node.allreduce(warm[node.rank]))
+            control = nodes[0].collectives.shm.controls
+            before = [control[r][1][shmsync.DONE] for r in (1, 2)]
+            for _ in range(5):
+                await on_all(nodes, lambda node: node.barrier())
+            after = [control[r][1][shmsync.DONE] for r in (1, 2)]
+            assert all(a >= b + 5 for a, b in zip(after, before, strict=True)), (after, before)
+            results = await asyncio.gather(
+                nodes[0].barrier(timeout=20),
+                nodes[1].allreduce(np.zeros(1), timeout=20),
+                nodes[2].barrier(timeout=20),
+                return_exceptions=True,
+            )
+            for result in results:
+                assert isinstance(result, CollectiveMismatchError), result
+            assert "barrier(shm" in str(results[1]), results[1]
+            results = await asyncio.gather(
+                *(node.barrier(timeout=0.5) for node in nodes[:2]), return_exceptions=True
+            )
+            for result in results:
+                assert isinstance(result, CollectiveTimeoutError), result
+                assert result.missing == (2,), result
 
     run(body())

@@ -33,7 +33,7 @@ from p2pdl.collectives.exchange import EMPTY, HELLO_SUB, move, reduce_from, with
 from p2pdl.collectives.groups import GroupKey, GroupRegistry, SubGroup, check_ranks
 from p2pdl.collectives.hierarchical import allreduce_hierarchical, host_groups, worth_it
 from p2pdl.collectives.inline import DONE as INLINE_DONE
-from p2pdl.collectives.inline import Finish, start_inline
+from p2pdl.collectives.inline import Finish, OnLoop, start_inline
 from p2pdl.collectives.op import SUB_BITS, Group, Operation
 from p2pdl.collectives.p2p import Sequences, p2p_base, recv_bytes, send_bytes
 from p2pdl.collectives.plan import SlicePlan, owner_slices, plan_slices
@@ -233,6 +233,8 @@ class Collectives:
         """Blocking-facade allreduces run on the caller's thread: how many finished there,
         how many were handed to the loop to finish (see `inline`)."""
         self._unretired: tuple[int, int] | None = None
+        self._barrier_word = np.zeros(1, np.float64)
+        """What a barrier through shared memory reduces (its value means nothing)."""
         """Tags of operations that ran off the loop, retired with the next one on it."""
 
     @property
@@ -304,7 +306,7 @@ class Collectives:
         algorithm: str = "auto",
         timeout: float | None = None,
         loop_time: Callable[[], float],
-        on_loop: Callable[[Callable[[], None]], None],
+        on_loop: OnLoop,
     ) -> str | Finish | None:
         """The blocking facade's allreduce on the calling thread (see `inline`): `DONE`, a
         coroutine function to finish it on the loop, or None (not taken, nothing touched).
@@ -317,6 +319,48 @@ class Collectives:
             timeout=timeout,
             loop_time=loop_time,
             on_loop=on_loop,
+        )
+
+    async def _inline(
+        self, array: Any, op: str, algorithm: str, timeout: float | None, name: str
+    ) -> bool:
+        """`start_inline` on the loop thread, awaiting what is left; False if not taken."""
+        loop = asyncio.get_running_loop()
+        taken = start_inline(
+            self,
+            array,
+            op=op,
+            algorithm=algorithm,
+            timeout=timeout,
+            loop_time=loop.time,
+            on_loop=loop.call_soon,
+            name=name,
+        )
+        if taken is None:
+            return False
+        if taken != INLINE_DONE:
+            await taken()
+        return True
+
+    def barrier_inline(
+        self,
+        *,
+        timeout: float | None = None,
+        loop_time: Callable[[], float],
+        on_loop: OnLoop,
+    ) -> str | Finish | None:
+        """The blocking facade's barrier on the calling thread, as `allreduce_inline`."""
+        if self.shm.usable is not True:
+            return None
+        return start_inline(
+            self,
+            self._barrier_word,
+            op="sum",
+            algorithm="shm",
+            timeout=timeout,
+            loop_time=loop_time,
+            on_loop=on_loop,
+            name="barrier",
         )
 
     @property
@@ -435,29 +479,17 @@ class Collectives:
         called for consecutive pieces of the owned slice, each as soon as it is reduced, so
         the all-gather of early pieces overlaps the reduction of later ones. Give one of them.
         """
+        # A plain small sum through shared memory: its steps run here and now while the
+        # peers keep up, and only what must wait is awaited (see `inline`).
         if (
             self.shm.usable is True
             and premul is None
             and compression is None
             and on_slice is None
             and on_chunk is None
+            and await self._inline(arrays, op, algorithm, timeout, "allreduce")
         ):
-            # A plain small sum through shared memory: its steps run here and now while the
-            # peers keep up, and only what must wait is awaited (see `inline`).
-            loop = asyncio.get_running_loop()
-            taken = start_inline(
-                self,
-                arrays,
-                op=op,
-                algorithm=algorithm,
-                timeout=timeout,
-                loop_time=loop.time,
-                on_loop=loop.call_soon,
-            )
-            if taken is not None:
-                if taken != INLINE_DONE:
-                    await taken()
-                return
+            return
         await self._allreduce(
             arrays,
             op=op,
@@ -1253,8 +1285,29 @@ class Collectives:
             self.scratch.give(raw)
 
     async def barrier(self, *, timeout: float | None = None) -> None:
-        """Return once every rank has called `barrier`."""
+        """Return once every rank has called `barrier`.
+
+        Through shared memory when this group's ranks use it (every rank agrees on that: the
+        probe decides for all): a one-element shared-memory allreduce named "barrier", whose
+        steps see every rank enter before any leaves — no frame, and no thread wake-up while
+        the ranks keep up. Otherwise one empty frame each way between every pair.
+        """
         if self.group.world_size == 1:
+            return
+        if self.shm.usable is True and self.one_host:
+            if not await self._inline(self._barrier_word, "sum", "shm", timeout, "barrier"):
+                await self._allreduce(
+                    self._barrier_word,
+                    op="sum",
+                    premul=None,
+                    algorithm="shm",
+                    compression=None,
+                    on_slice=None,
+                    on_chunk=None,
+                    timeout=timeout,
+                    local_copies=False,
+                    name="barrier",
+                )
             return
         operation = self._operation("barrier", "barrier", self.deadline(timeout))
         await operation.run(lambda: barrier(operation))

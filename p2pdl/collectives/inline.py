@@ -41,6 +41,9 @@ DONE = "done"
 Finish = Callable[[], Coroutine[Any, Any, None]]
 """What finishes a call on the loop (the caller waits for it there)."""
 
+OnLoop = Callable[[Callable[[], None]], Any]
+"""Schedules a function on the loop thread (`call_soon_threadsafe`, or `call_soon` there)."""
+
 
 def start_inline(
     coll: Collectives,
@@ -50,14 +53,16 @@ def start_inline(
     algorithm: str,
     timeout: float | None,
     loop_time: Callable[[], float],
-    on_loop: Callable[[Callable[[], None]], None],
+    on_loop: OnLoop,
+    name: str = "allreduce",
 ) -> str | Finish | None:
     """Run `coll`'s allreduce of `array` on this thread as far as it goes without waiting.
 
     Returns `DONE`, a coroutine function that finishes the call on the loop (run it there
     next, before any other call), or None when the call does not qualify (nothing was
     touched). `loop_time` reads the loop's clock (called on the loop), `on_loop` schedules
-    a function on the loop thread (an error's abort frames). Errors of the call itself are
+    a function on the loop thread (an error's abort frames); `name` is the collective's
+    ("barrier": `Collectives.barrier` on shared memory). Errors of the call itself are
     raised here.
     """
     from p2pdl.collectives.api import allreduce_descriptor, check_timeout
@@ -92,12 +97,10 @@ def start_inline(
     ):
         return None
     started = time.monotonic()
-    descriptor = allreduce_descriptor(
-        "allreduce", "shm", reduction, "", f"{flat.kind}[{buf.size}]", None
-    )
+    descriptor = allreduce_descriptor(name, "shm", reduction, "", f"{flat.kind}[{buf.size}]", None)
     operation = Operation(
         group,
-        "allreduce",
+        name,
         descriptor + coll.label,
         0.0,  # set on the loop if the call goes there
         base=group.next_op_id() << SUB_BITS,

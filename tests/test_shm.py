@@ -8,6 +8,7 @@ import gc
 import itertools
 import os
 import threading
+from typing import Any
 
 import numpy as np
 import pytest
@@ -119,35 +120,42 @@ def test_segments_grow_shrink_and_alternate_halves_between_other_collectives() -
     run(body())
 
 
-def test_on_slice_runs_on_each_owner_and_its_writes_reach_everyone() -> None:
+@pytest.mark.parametrize("style", ["on_slice", "async on_slice", "on_chunk"])
+def test_on_slice_runs_on_each_owner_and_its_writes_reach_everyone(style: str) -> None:
+    """The owner's hook sees its reduced slice and its writes reach every rank: on the
+    first call (probe, segments made) and on the next ones, which run inline (a hook that
+    returns an awaitable is awaited there too)."""
     n, size = 4, 100_001
+
+    def hook(rank: int, round_: int, seen: dict[int, tuple[int, int]]) -> Any:
+        def on_slice(start: int, stop: int, reduced: np.ndarray) -> Any:
+            seen[rank] = (start, stop)
+            assert np.all(reduced == n)
+            reduced[:] = -rank - 10 * round_
+            return asyncio.sleep(0) if style == "async on_slice" else None
+
+        return {("on_chunk" if style == "on_chunk" else "on_slice"): on_slice}
 
     async def body() -> None:
         async with make_cluster(n) as nodes:
-            seen: dict[int, tuple[int, int]] = {}
-
-            def hook(rank: int):
-                def on_slice(start: int, stop: int, reduced: np.ndarray) -> None:
-                    seen[rank] = (start, stop)
-                    assert np.all(reduced == n)
-                    reduced[:] = -rank
-
-                return on_slice
-
-            arrays = [np.ones(size, np.float32) for _ in nodes]
-            await on_all(
-                nodes,
-                lambda node: node.allreduce(
-                    arrays[node.rank], algorithm="shm", on_slice=hook(node.rank)
-                ),
-            )
-            spans = sorted(seen.values())
-            assert spans[0][0] == 0 and spans[-1][1] == size
-            assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
-            for a in arrays[1:]:
-                assert a.tobytes() == arrays[0].tobytes()
-            for rank, (start, stop) in seen.items():
-                assert np.all(arrays[0][start:stop] == -rank)
+            for round_ in range(3):
+                seen: dict[int, tuple[int, int]] = {}
+                arrays = [np.ones(size, np.float32) for _ in nodes]
+                await on_all(
+                    nodes,
+                    lambda node, a=arrays, r=round_, s=seen: node.allreduce(
+                        a[node.rank], algorithm="shm", **hook(node.rank, r, s)
+                    ),
+                )
+                spans = sorted(seen.values())
+                assert spans[0][0] == 0 and spans[-1][1] == size
+                assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+                for a in arrays[1:]:
+                    assert a.tobytes() == arrays[0].tobytes()
+                for rank, (start, stop) in seen.items():
+                    assert np.all(arrays[0][start:stop] == -rank - 10 * round_)
+            inline = [node.collectives.inline_calls for node in nodes]
+            assert all(c["finished"] + c["handed_off"] == 2 for c in inline), inline
 
     run(body())
 

@@ -322,7 +322,14 @@ class Collectives:
         )
 
     async def _inline(
-        self, array: Any, op: str, algorithm: str, timeout: float | None, name: str
+        self,
+        array: Any,
+        op: str,
+        algorithm: str,
+        timeout: float | None,
+        name: str,
+        on_slice: OnSlice | None = None,
+        on_chunk: OnSlice | None = None,
     ) -> bool:
         """`start_inline` on the loop thread, awaiting what is left; False if not taken."""
         loop = asyncio.get_running_loop()
@@ -335,6 +342,8 @@ class Collectives:
             loop_time=loop.time,
             on_loop=loop.call_soon,
             name=name,
+            on_slice=on_slice,
+            chunkwise=on_chunk is not None,
         )
         if taken is None:
             return False
@@ -485,9 +494,10 @@ class Collectives:
             self.shm.usable is True
             and premul is None
             and compression is None
-            and on_slice is None
-            and on_chunk is None
-            and await self._inline(arrays, op, algorithm, timeout, "allreduce")
+            and (on_slice is None or on_chunk is None)
+            and await self._inline(
+                arrays, op, algorithm, timeout, "allreduce", on_slice or on_chunk, on_chunk
+            )
         ):
             return
         await self._allreduce(

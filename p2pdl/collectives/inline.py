@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from p2pdl.collectives.context import OnSlice
 from p2pdl.collectives.dtypes import as_buffer, check_reduction
 from p2pdl.collectives.op import SUB_BITS, Operation
 from p2pdl.collectives.shm import INLINE_BYTES, advance, call_steps, finish
@@ -55,6 +56,8 @@ def start_inline(
     loop_time: Callable[[], float],
     on_loop: OnLoop,
     name: str = "allreduce",
+    on_slice: OnSlice | None = None,
+    chunkwise: bool = False,
 ) -> str | Finish | None:
     """Run `coll`'s allreduce of `array` on this thread as far as it goes without waiting.
 
@@ -62,8 +65,9 @@ def start_inline(
     next, before any other call), or None when the call does not qualify (nothing was
     touched). `loop_time` reads the loop's clock (called on the loop), `on_loop` schedules
     a function on the loop thread (an error's abort frames); `name` is the collective's
-    ("barrier": `Collectives.barrier` on shared memory). Errors of the call itself are
-    raised here.
+    ("barrier": `Collectives.barrier` on shared memory). `on_slice` (`chunkwise` for an
+    `on_chunk`) runs on this thread, as the normal path runs it for small slices (only on the
+    loop thread: the blocking facade passes none). Errors of the call itself are raised here.
     """
     from p2pdl.collectives.api import allreduce_descriptor, check_timeout
 
@@ -111,7 +115,8 @@ def start_inline(
         buf,
         mean=reduction == "mean",
         compression=None,
-        on_slice=None,
+        on_slice=on_slice,
+        chunkwise=chunkwise,
         reduce_op=reduction,
         kind=flat.kind,
     )

@@ -628,8 +628,8 @@ def _steps(
         PHASES.append(marks)
     nbytes = buf.nbytes
     large = nbytes >= INLINE_BYTES
-    if large or ctx.on_slice is not None:
-        op.arm()  # copies on the reduce thread, or the caller's code: awaited, so armed
+    if large:
+        op.arm()  # copies on the reduce thread, awaited: armed first (never inline)
     own = arena.own_segment(nbytes)  # SharedMemoryError here: nothing touched yet
     mine = own.half(parity, buf.dtype, buf.size)
     # The same slices as `sliced` and reduce_scatter/allgather: an owner's optimizer state
@@ -677,7 +677,14 @@ def _steps(
         if ctx.on_slice is not None:  # it must see (and may change) the result in `buf`
             result = buf[lo:hi]
             sources = [result if p == rank else theirs[p][lo:hi] for p in range(n)]
-            yield lambda: _reduce_on_slice(ctx, result, sources, mine[lo:hi], lo, hi, large)
+            if result.nbytes >= ctx.compute.inline_bytes:  # (as `finish_slice` would)
+                yield lambda: _reduce_on_slice(ctx, result, sources, mine[lo:hi], lo, hi, large)
+            else:
+                ctx.reduce_now(result, sources, final=True)
+                returned = ctx.on_slice(lo, hi, result)
+                if isinstance(returned, Awaitable):
+                    yield lambda: returned
+                np.copyto(mine[lo:hi], result)
         else:
             sources = [buf[lo:hi] if p == rank else theirs[p][lo:hi] for p in range(n)]
             if nbytes < SMALL_BYTES and ctx.plain_sum:

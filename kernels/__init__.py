@@ -10,7 +10,7 @@ compile on first use (cached on disk); :func:`precompile` compiles them all up f
 """
 
 from ._jit import parallel_threshold, precompile, set_parallel_threshold
-from .arith import add_, axpy_, scale_, sum_into
+from .arith import add_, add_copy_, axpy_, scale_, sum_into
 from .compress import (
     decode_add_bf16,
     decode_add_encode_round_bf16,
@@ -31,6 +31,7 @@ from .slicing import slice_bounds
 __all__ = [
     "adam_step",
     "add_",
+    "add_copy_",
     "axpy_",
     "decode_add_bf16",
     "decode_add_encode_round_bf16",

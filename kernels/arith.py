@@ -108,6 +108,14 @@ def _scale_vec(d, alpha):
 
 
 @njit(**INNER_OPTS)
+def _add_copy_vec(d, s, o):
+    for i in range(d.size):
+        x = d[i] + s[i]
+        d[i] = x
+        o[i] = x
+
+
+@njit(**INNER_OPTS)
 def _axpy_vec(d, alpha, s):
     for i in range(d.size):
         d[i] += alpha * s[i]
@@ -126,6 +134,18 @@ def _add_p(d, s):
         lo = b * BLOCK
         hi = min(lo + BLOCK, n)
         _add_vec(d[lo:hi], s[lo:hi])
+
+
+def _add_copy_s(d, s, o):
+    _add_copy_vec(d, s, o)
+
+
+def _add_copy_p(d, s, o):
+    n = d.size
+    for b in prange((n + BLOCK - 1) // BLOCK):
+        lo = b * BLOCK
+        hi = min(lo + BLOCK, n)
+        _add_copy_vec(d[lo:hi], s[lo:hi], o[lo:hi])
 
 
 def _sum2_s(d, a, b):
@@ -229,6 +249,7 @@ def _sigs(make):
 _RO_LIST = {ch: nt.ListType(array(t, True)) for ch, t in FLOAT_TYPES.items()}
 
 _ADD = kernel(_add_s, _add_p, _sigs(lambda t, w, r: nt.void(w, r)))
+_ADD_COPY = kernel(_add_copy_s, _add_copy_p, _sigs(lambda t, w, r: nt.void(w, r, w)))
 _SUM2 = kernel(_sum2_s, _sum2_p, _sigs(lambda t, w, r: nt.void(w, r, r)))
 _SUM3 = kernel(_sum3_s, _sum3_p, _sigs(lambda t, w, r: nt.void(w, r, r, r)))
 _SUM4 = kernel(_sum4_s, _sum4_p, _sigs(lambda t, w, r: nt.void(w, r, r, r, r)))
@@ -254,6 +275,24 @@ def add_(dst: np.ndarray, src: np.ndarray, *, parallel: bool | None = None) -> N
     src = v.like(src, "src", dst, "dst")
     v.no_partial_overlap(dst, "dst", src, "src")
     run(_ADD, dst.dtype.char, dst.size, parallel, dst, src)
+
+
+def add_copy_(
+    dst: np.ndarray, src: np.ndarray, out: np.ndarray, *, parallel: bool | None = None
+) -> None:
+    """``dst += src`` and ``out[:] = dst`` in one pass (float32 or float64, same dtype and
+    size): a sum that two places need is read once, not written and read back.
+
+    ``src`` may be ``dst`` itself but must not otherwise overlap it; ``out`` must share no
+    memory with either.  ``parallel`` as for :func:`add_`.
+    """
+    dst = v.flat(dst, "dst", "fd", True)
+    src = v.like(src, "src", dst, "dst")
+    out = v.like(out, "out", dst, "dst", True)
+    v.no_partial_overlap(dst, "dst", src, "src")
+    v.no_overlap(out, "out", dst, "dst")
+    v.no_overlap(out, "out", src, "src")
+    run(_ADD_COPY, dst.dtype.char, dst.size, parallel, dst, src, out)
 
 
 def sum_into(dst: np.ndarray, srcs: Sequence[np.ndarray], *, parallel: bool | None = None) -> None:

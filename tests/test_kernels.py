@@ -39,6 +39,33 @@ def test_add(n, dtype, parallel):
 @pytest.mark.parametrize("parallel", PAR)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
+def test_add_copy(n, dtype, parallel):
+    rng = np.random.default_rng(n)
+    dst, src, out = rand(rng, n, dtype, 3)
+    expect = naive.add(dst, src)
+    K.add_copy_(dst, src, out, parallel=parallel)
+    assert np.array_equal(dst, expect) and np.array_equal(out, expect)
+    K.add_copy_(dst, dst, out, parallel=parallel)  # the very same buffer is allowed
+    assert np.array_equal(dst, expect + expect) and np.array_equal(out, expect + expect)
+
+
+def test_add_copy_refuses_overlap_and_unlike_buffers():
+    a, b = np.ones(8, np.float32), np.ones(8, np.float32)
+    with pytest.raises(ValueError, match="must not share memory"):
+        K.add_copy_(a, b, a)
+    with pytest.raises(ValueError, match="must not share memory"):
+        K.add_copy_(a, b, b[::1])
+    with pytest.raises(ValueError, match="partially overlaps"):
+        K.add_copy_(a[1:], a[:-1], b[1:])
+    with pytest.raises(TypeError):
+        K.add_copy_(a, b, np.ones(8, np.float64))
+    with pytest.raises(ValueError, match="elements"):
+        K.add_copy_(a, b, np.ones(9, np.float32))
+
+
+@pytest.mark.parametrize("parallel", PAR)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6, 7, 8, 11])
 def test_sum_into(k, n, dtype, parallel):
     rng = np.random.default_rng(k * 1000 + n)

@@ -673,6 +673,7 @@ def _steps(
     # Single-threaded kernels: every rank sums its own slice at the same time, so the
     # cores are busy already (Numba's pool on top only oversubscribes them).
     ctx.chunk_elems = max(ctx.chunk_elems, buf.size)
+    owned_in_buf = False  # this rank's own result already in `buf` (not only its segment)
     if hi > lo:
         if ctx.on_slice is not None:  # it must see (and may change) the result in `buf`
             result = buf[lo:hi]
@@ -689,6 +690,19 @@ def _steps(
             sources = [buf[lo:hi] if p == rank else theirs[p][lo:hi] for p in range(n)]
             if nbytes < SMALL_BYTES and ctx.plain_sum:
                 _sum_small(mine[lo:hi], sources, ctx.final_scale())
+            elif n == 2 and ctx.plain_sum and ctx.final_scale() is None:
+                # Two ranks, a plain sum: own + peer's into `buf` and the segment in one pass
+                # (IEEE addition commutes: the same bits as peer + own on the other rank).
+                peer_slice = theirs[peers[0]][lo:hi]
+
+                def fused() -> None:
+                    kernels.add_copy_(buf[lo:hi], peer_slice, mine[lo:hi], parallel=False)
+
+                owned_in_buf = True
+                if large:
+                    yield lambda: ctx.compute.run(nbytes, fused)
+                else:
+                    fused()
             elif large:
                 yield lambda: ctx.reduce_chunk(mine[lo:hi], sources, final=True)
             else:
@@ -697,7 +711,7 @@ def _steps(
     call.say(OUT)
 
     def copy_own() -> None:
-        if ctx.on_slice is None:
+        if ctx.on_slice is None and not owned_in_buf:
             np.copyto(buf[lo:hi], mine[lo:hi])
 
     def copy_theirs() -> None:

@@ -160,3 +160,39 @@ def test_a_peer_that_leaves_mid_call_is_named() -> None:
         assert len(errors) == 1 and isinstance(errors[0], PeerLostError), errors
         assert tuple(errors[0].ranks) == (1,), errors[0]
         assert time.monotonic() - started < 30
+
+
+def test_calls_that_cannot_run_inline_take_the_normal_path_with_its_errors() -> None:
+    """Other element types and reductions run (and are right) on the normal path; bad
+    arguments get the normal path's errors, with nothing touched; the next plain call runs
+    inline again. Twice each: the second time from what `inline` kept of the shape."""
+    from helpers import make_cluster, on_all, run
+
+    async def body() -> None:
+        async with make_cluster(2) as nodes:
+            warm = [np.ones(64, np.float32) for _ in nodes]
+            await on_all(nodes, lambda node: node.allreduce(warm[node.rank]))
+            counts = [dict(node.collectives.inline_calls) for node in nodes]
+            for _ in range(2):
+                half = [np.full(8, node.rank + 1, np.float16) for node in nodes]
+                await on_all(nodes, lambda node, h=half: node.allreduce(h[node.rank]))
+                assert all(np.all(h == 3) for h in half)
+                most = [np.full(8, node.rank + 1.0, np.float32) for node in nodes]
+                await on_all(nodes, lambda node, m=most: node.allreduce(m[node.rank], "max"))
+                assert all(np.all(m == 2.0) for m in most)
+                assert [dict(node.collectives.inline_calls) for node in nodes] == counts
+                strided = np.ones((8, 2), np.float32)[:, 0]
+                with pytest.raises(ValueError, match="C-contiguous"):
+                    await nodes[0].allreduce(strided)
+                with pytest.raises(ValueError, match="timeout"):
+                    await nodes[0].allreduce(np.ones(8, np.float32), timeout=-1)
+            plain = [np.full(8, node.rank + 1.0, np.float32) for node in nodes]
+            await on_all(nodes, lambda node: node.allreduce(plain[node.rank]))
+            assert all(np.all(p == 3.0) for p in plain)
+            after = [node.collectives.inline_calls for node in nodes]
+            assert all(
+                a["finished"] + a["handed_off"] == c["finished"] + c["handed_off"] + 1
+                for a, c in zip(after, counts, strict=True)
+            ), (after, counts)
+
+    run(body())

@@ -233,6 +233,9 @@ class Collectives:
         """Blocking-facade allreduces run on the caller's thread: how many finished there,
         how many were handed to the loop to finish (see `inline`)."""
         self._unretired: tuple[int, int] | None = None
+        self.inline_shapes: dict[tuple[Any, ...], tuple[Any, ...] | None] = {}
+        """What `inline` keeps per call shape (descriptor, timeout, peers; None: never
+        inline)."""
         self._barrier_word = np.zeros(1, np.float64)
         """What a barrier through shared memory reduces (its value means nothing)."""
         """Tags of operations that ran off the loop, retired with the next one on it."""

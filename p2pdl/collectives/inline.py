@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from p2pdl.collectives.context import OnSlice
 from p2pdl.collectives.dtypes import as_buffer, check_reduction
 from p2pdl.collectives.op import SUB_BITS, Operation
@@ -69,26 +71,16 @@ def start_inline(
     `on_chunk`) runs on this thread, as the normal path runs it for small slices (only on the
     loop thread: the blocking facade passes none). Errors of the call itself are raised here.
     """
-    from p2pdl.collectives.api import allreduce_descriptor, check_timeout
-
     arena = coll.shm
     group = coll.group
     if arena.usable is not True or algorithm not in ("auto", "shm") or not coll.one_host:
         return None
-    try:
-        flat = as_buffer(array)
-        reduction = check_reduction(flat.kind, op, None, None)
-        seconds = check_timeout(timeout, coll.timeout)
-    except (TypeError, ValueError):
-        return None  # the normal path says what is wrong
-    buf = flat.array
-    if (
-        flat.kind not in ("float32", "float64")
-        or reduction not in ("sum", "mean")
-        or not 0 < buf.nbytes < INLINE_BYTES
-    ):
+    shape = _shape(coll, array, op, timeout, name)
+    if shape is None:
         return None
-    peers = [p for p in range(group.world_size) if p != group.rank]
+    buf, reduction, kind, seconds, descriptor, peers = shape
+    if not 0 < buf.nbytes < INLINE_BYTES:
+        return None
     own = arena.own
     if (
         own is None
@@ -101,13 +93,13 @@ def start_inline(
     ):
         return None
     started = time.monotonic()
-    descriptor = allreduce_descriptor(name, "shm", reduction, "", f"{flat.kind}[{buf.size}]", None)
     operation = Operation(
         group,
         name,
-        descriptor + coll.label,
+        descriptor,
         0.0,  # set on the loop if the call goes there
         base=group.next_op_id() << SUB_BITS,
+        peers=peers,
         timeout=seconds,
     )
     ctx = coll._context(
@@ -118,7 +110,7 @@ def start_inline(
         on_slice=on_slice,
         chunkwise=chunkwise,
         reduce_op=reduction,
-        kind=flat.kind,
+        kind=kind,
     )
     coll.last_algorithm = "shm"
     steps = call_steps(ctx, arena)
@@ -146,3 +138,58 @@ def start_inline(
         await operation.run(rest, lazy=True)
 
     return finish_on_loop
+
+
+_Shape = tuple[np.ndarray, str, str, float, str, list[int]]
+"""A call's flat buffer, reduction, element type, timeout (s), full descriptor, peers."""
+
+
+def _shape(
+    coll: Collectives, array: Any, op: str, timeout: float | None, name: str
+) -> _Shape | None:
+    """What a call of `array` would run, or None when it cannot run inline (or is wrong:
+    the normal path says so). Kept per (dtype, size, op, timeout, name) for numpy arrays:
+    a training loop repeats a few shapes, and this is most of a small call's set-up."""
+    from p2pdl.collectives.api import allreduce_descriptor, check_timeout
+
+    if type(array) is np.ndarray:
+        flags = array.flags
+        if not (flags.c_contiguous and flags.writeable):
+            return None
+        key = (array.dtype.char, array.size, op, timeout, name)
+        kept = coll.inline_shapes.get(key, _UNSEEN)
+        if kept is None:
+            return None  # a shape that never runs inline (another dtype or reduction)
+        if kept is not _UNSEEN:
+            flat = array if array.ndim == 1 else array.reshape(-1)
+            return (flat, *kept)
+    else:
+        key = None
+    try:
+        flat_buffer = as_buffer(array)
+        reduction = check_reduction(flat_buffer.kind, op, None, None)
+        seconds = check_timeout(timeout, coll.timeout)
+    except (TypeError, ValueError):
+        return None  # the normal path says what is wrong
+    kind = flat_buffer.kind
+    if kind not in ("float32", "float64") or reduction not in ("sum", "mean"):
+        if key is not None:
+            _keep(coll, key, None)
+        return None
+    buf = flat_buffer.array
+    group = coll.group
+    descriptor = allreduce_descriptor(name, "shm", reduction, "", f"{kind}[{buf.size}]", None)
+    peers = [p for p in range(group.world_size) if p != group.rank]
+    rest = (reduction, kind, seconds, descriptor + coll.label, peers)
+    if key is not None:
+        _keep(coll, key, rest)
+    return (buf, *rest)
+
+
+_UNSEEN = ()
+
+
+def _keep(coll: Collectives, key: tuple[Any, ...], rest: tuple[Any, ...] | None) -> None:
+    if len(coll.inline_shapes) >= 64:
+        coll.inline_shapes.clear()
+    coll.inline_shapes[key] = rest

@@ -148,3 +148,17 @@ def test_allreduce_bench_times_the_sync_facade_and_breaks_shm_calls_into_phases(
         assert {"before", "copy-in", "wait-enter", "reduce", "copy-out", "after"} <= set(phases)
         assert all(v >= 0 for v in phases.values())
         assert phases["copy-in"] + phases["reduce"] <= phases["total"]
+        # The memory bound: the bytes the call moves at what the memory gave each rank.
+        assert row["stream_gbs"] > 0 and row["memory_bound_ms"] > 0, row
+    assert "memory bound 256K: 1 MiB moved per rank" in done.stdout
+
+
+def test_shm_traffic_model_counts_each_pass_over_the_buffer() -> None:
+    from p2pdl.bench.allreduce import shm_traffic_bytes
+
+    mib = 1 << 20
+    # n = 2: copy-in 1/2 (r+w), fused reduce (2 reads, 2 writes of 1/2), copy-out 1/2 (r+w).
+    assert shm_traffic_bytes(64 * mib, 2) == 256 * mib
+    # n = 4: copy-in 3/4 (r+w), reduce 4 reads + 1 write of 1/4, copy-own, copy-out 3/4.
+    assert shm_traffic_bytes(4 * mib, 4) == (6 + 5 + 2 + 6) * mib
+    assert shm_traffic_bytes(mib, 1) == 0

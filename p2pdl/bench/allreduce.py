@@ -408,6 +408,21 @@ async def _worker(cfg: Config) -> None:
             await node.allreduce(table, algorithm="direct" if table.nbytes < 1 << 16 else "auto")
             return table
 
+        async def stream_speed(src: np.ndarray) -> float:
+            """GB/s one rank moves (read + write) copying (n-1)/n of a buffer between private
+            arrays while every rank does the same: what the memory gives a rank when all of
+            them stream at once, as they do in a shared-memory call. Median of 9 copies."""
+            part = src[: max(1, src.size * (world - 1) // world)]
+            scratch = np.empty_like(part)
+            np.copyto(scratch, part)  # (its pages faulted in first)
+            seconds = []
+            for _ in range(9):
+                await node.barrier()
+                t0 = time.perf_counter()
+                np.copyto(scratch, part)
+                seconds.append(time.perf_counter() - t0)
+            return 2 * part.nbytes / statistics.median(seconds) / 1e9
+
         for size in cfg.sizes:
             elems = size // 4
             rng = np.random.default_rng(1000 * rank + elems % 997)
@@ -480,6 +495,10 @@ async def _worker(cfg: Config) -> None:
                             for i, p in enumerate(PHASE_NAMES)
                             if np.all(per_rank[:, i] >= 0)
                         }
+            stream_gbs = None
+            if cfg.phases and world > 1:  # the memory bound (see `shm_traffic_bytes`)
+                speeds = await gather_rows(np.array([await stream_speed(src)]))
+                stream_gbs = float(speeds.mean())
             slowest = table[:, 0].max(axis=0)
             cpu_total = table[:, 1].sum(axis=0)
             if rank == 0:
@@ -499,6 +518,7 @@ async def _worker(cfg: Config) -> None:
                         ],
                         "checks": checks,
                         "phases": {},
+                        "stream_gbs": stream_gbs,
                     }
                 )
                 print(f"  {format_size(size)} done", file=sys.stderr, flush=True)
@@ -518,6 +538,19 @@ async def _worker(cfg: Config) -> None:
                     entry["phases"][variant] = value
         report.pop("_phases", None)
         Path(cfg.out).write_text(json.dumps(report))
+
+
+def shm_traffic_bytes(nbytes: int, n: int) -> float:
+    """Bytes one rank reads and writes in a shared-memory allreduce of `nbytes` (`shm`):
+    copy-in (n-1)/n of the buffer (read + write), the owner's reduce (n slices of 1/n read,
+    1/n written — and written twice with the two-rank fused sum, which needs no copy-own),
+    copy-own 1/n (read + write), copy-out (n-1)/n (read + write)."""
+    if n < 2:
+        return 0.0
+    part, slice_ = nbytes * (n - 1) / n, nbytes / n
+    if n == 2:
+        return 2 * part + 4 * slice_ + 2 * part
+    return 2 * part + (n + 1) * slice_ + 2 * slice_ + 2 * part
 
 
 PHASE_NAMES = (
@@ -639,6 +672,10 @@ def summarize(cfg: Config, raw: dict[str, Any]) -> dict[str, Any]:
             key = "/".join((var["library"], var["algorithm"], var["compression"]))
             if key in entry.get("phases", {}):
                 row["phases_ms"] = entry["phases"][key]
+                if entry.get("stream_gbs"):
+                    traffic = shm_traffic_bytes(size, n)
+                    row["memory_bound_ms"] = round(traffic / entry["stream_gbs"] / 1e6, 4)
+                    row["stream_gbs"] = round(entry["stream_gbs"], 2)
             check = checks.get((var["algorithm"], var["compression"]))
             if var["library"] == "p2pdl" and check is not None:
                 row["correct"] = check["ok"]
@@ -742,6 +779,14 @@ def print_table(summary: dict[str, Any], out: Any = sys.stdout) -> None:
                 for p in PHASE_NAMES
             )
             print(f"{format_size(row['size']):>6} {row['algorithm']:<22} {cells}", file=out)
+        bounded = {row["size"]: row for row in phased if "memory_bound_ms" in row}
+        for size, row in sorted(bounded.items()):
+            print(
+                f"memory bound {format_size(size)}: {shm_traffic_bytes(size, n) / 2**20:.3g} MiB "
+                f"moved per rank at {row['stream_gbs']} GB/s (each rank copying while all do) "
+                f"= {row['memory_bound_ms']} ms",
+                file=out,
+            )
     for t in summary["targets"]:
         verdict = "PASS" if t["pass"] else "FAIL"
         ratio = "n/a" if t["ratio"] is None else f"{t['ratio']:.3f}"

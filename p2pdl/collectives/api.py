@@ -61,8 +61,7 @@ SHM_MIN_BYTES = 1
 """`auto` takes the shared-memory path when every rank is on one host and
 nbytes · (world_size − 1) is at least this: every non-empty buffer. Since ranks synchronise
 through control blocks instead of TCP frames, shm is faster than one-hop `direct` at every
-size measured from 8 bytes at n = 2 and as fast at n = 4 (docs/benchmarks.md, "Second
-pass")."""
+size measured from 8 bytes, at n = 2 and n = 4 (see `choose_algorithm`)."""
 SPECIAL = ("hierarchical", "shm")
 """Algorithms that need more than the context: host identities, shared segments."""
 
@@ -78,12 +77,12 @@ def choose_algorithm(
     `hierarchical` when ranks share hosts across several hosts (one copy per host link), or
     `shm` when every rank is on one host and can map the others' segments (`shared_memory`).
 
-    `shm` against `direct` since shm synchronises through control blocks (loopback, 2 cores,
-    `bench allreduce --algorithms shm,direct`, three runs, the slowest rank's median): n=2 shm
-    ahead at every size, 0.10-0.12 vs 0.14-0.18 ms at 8 and 256 bytes, 0.097-0.129 vs
-    0.148-0.210 ms at 1 KiB, 0.115-0.161 vs 0.159-0.239 at 4 KiB, 0.123-0.182 vs 0.164-0.316
-    at 12 KiB, 0.13 vs 0.26 ms at 64 KiB; n=4 level with it from 1 to 12 KiB (1.30-1.49 vs
-    1.25-1.66 ms) and ahead above: shm for every non-empty buffer.
+    `shm` against `direct` (loopback, 2 cores, `bench allreduce --sizes 8,4K,64K
+    --algorithms shm,direct`, the slowest rank's median): since small shm calls run inline
+    (no operation set-up, ranks ringing only sleepers) shm is 3x ahead at every size, n=2
+    0.036-0.048 vs 0.112-0.164 ms from 8 bytes to 64 KiB, n=4 0.39-0.41 vs 1.16-1.43 ms. (The
+    round before, with TCP-framed waits: n=2 0.10-0.16 vs 0.14-0.24 ms at 8 bytes-4 KiB, n=4
+    level to 12 KiB.) shm for every non-empty buffer.
 
     Measured crossover (loopback, 2 shared cores, medians of 30 interleaved calls, the
     slowest rank's time; table in docs/benchmarks.md "AllReduce"): `direct` beat `sliced`

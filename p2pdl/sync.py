@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import signal
 import threading
 import weakref
@@ -27,7 +28,7 @@ from concurrent.futures import CancelledError, Future
 from typing import Any, TypeVar
 
 from p2pdl.collectives.inline import DONE as INLINE_DONE
-from p2pdl.collectives.inline import Finish, OnLoop
+from p2pdl.collectives.inline import Finish
 from p2pdl.node import Node
 
 __all__ = ["LoopBridge", "SyncGroup", "SyncNode", "bridge_of", "connect"]
@@ -216,30 +217,21 @@ class SyncNode:
         timeout = kwargs.get("timeout")
         plain = all(kwargs[k] is None for k in kwargs.keys() & _PLAIN_DEFAULTS)
         if plain and kwargs.keys() <= _PLAIN_DEFAULTS | {"timeout"}:
-            collectives = self.node.collectives
-
-            def start(loop_time: Callable[[], float], on_loop: OnLoop) -> str | Finish | None:
-                return collectives.allreduce_inline(
-                    array,
-                    op=op,
-                    algorithm=algorithm,
-                    timeout=timeout,
-                    loop_time=loop_time,
-                    on_loop=on_loop,
-                )
-
+            start = functools.partial(
+                self.node.collectives.allreduce_inline,
+                array,
+                op=op,
+                algorithm=algorithm,
+                timeout=timeout,
+            )
             if self._inline(start, timeout):
                 return array
         return self._call(self.node.allreduce(array, op, algorithm, **kwargs), timeout)
 
-    def _inline(
-        self,
-        start: Callable[[Callable[[], float], OnLoop], str | Finish | None],
-        timeout: float | None,
-    ) -> bool:
-        """Run a call on this thread (`start`, see `p2pdl.collectives.inline`) if nothing
-        handed to the loop is running, finishing on the loop if it must wait; False if it
-        was not taken (nothing touched)."""
+    def _inline(self, start: Callable[..., str | Finish | None], timeout: float | None) -> bool:
+        """Run a call on this thread (`start(loop_time=, on_loop=)`, see
+        `p2pdl.collectives.inline`) if nothing handed to the loop is running, finishing on
+        the loop if it must wait; False if it was not taken (nothing touched)."""
         if self._closed:
             return False
         bridge = self.bridge
@@ -247,7 +239,7 @@ class SyncNode:
             if not bridge.idle:
                 return False
             loop = self._loop
-            taken = start(loop.time, loop.call_soon_threadsafe)
+            taken = start(loop_time=loop.time, on_loop=loop.call_soon_threadsafe)
             if taken is None:
                 return False
             if taken != INLINE_DONE:
@@ -268,13 +260,7 @@ class SyncNode:
         keep up, as `allreduce` does."""
         timeout = kwargs.get("timeout")
         if kwargs.keys() <= {"timeout"}:
-            collectives = self.node.collectives
-
-            def start(loop_time: Callable[[], float], on_loop: OnLoop) -> str | Finish | None:
-                return collectives.barrier_inline(
-                    timeout=timeout, loop_time=loop_time, on_loop=on_loop
-                )
-
+            start = functools.partial(self.node.collectives.barrier_inline, timeout=timeout)
             if self._inline(start, timeout):
                 return
         self._call(self.node.barrier(**kwargs), timeout)

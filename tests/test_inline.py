@@ -196,3 +196,19 @@ def test_calls_that_cannot_run_inline_take_the_normal_path_with_its_errors() -> 
             ), (after, counts)
 
     run(body())
+
+
+def test_blocking_barriers_run_on_shared_memory_and_a_skipped_one_times_out() -> None:
+    """`SyncNode.barrier` on ranks that use shared memory: inline or handed to the loop (the
+    same steps), every call accounted for; one that rank 1 skips names it."""
+    with blocking_pair() as nodes:
+        before = [dict(node.node.collectives.inline_calls) for node in nodes]
+        for _ in range(20):
+            on_both(nodes, lambda node: node.barrier(timeout=30))
+        after = [node.node.collectives.inline_calls for node in nodes]
+        for a, b in zip(after, before, strict=True):
+            assert a["finished"] + a["handed_off"] == b["finished"] + b["handed_off"] + 20
+        with pytest.raises(CollectiveTimeoutError) as failed:
+            nodes[0].barrier(timeout=0.5)
+        assert failed.value.missing == (1,), failed.value
+        assert "barrier" in str(failed.value)

@@ -150,8 +150,6 @@ def _shape(
     """What a call of `array` would run, or None when it cannot run inline (or is wrong:
     the normal path says so). Kept per (dtype, size, op, timeout, name) for numpy arrays:
     a training loop repeats a few shapes, and this is most of a small call's set-up."""
-    from p2pdl.collectives.api import allreduce_descriptor, check_timeout
-
     if type(array) is np.ndarray:
         flags = array.flags
         if not (flags.c_contiguous and flags.writeable):
@@ -165,6 +163,8 @@ def _shape(
             return (flat, *kept)
     else:
         key = None
+    from p2pdl.collectives.api import allreduce_descriptor, check_timeout  # (api imports us)
+
     try:
         flat_buffer = as_buffer(array)
         reduction = check_reduction(flat_buffer.kind, op, None, None)

@@ -176,6 +176,17 @@ def test_launch_runs_a_cluster_and_prefixes_output(tmp_path: Path) -> None:
     assert lines == [f"[rank {r}] sum {r} 3 6.0" for r in range(3)]
 
 
+def test_launch_takes_exits_in_reaped_order_even_before_their_callbacks_ran() -> None:
+    """Two exits can land in one wake-up with the second's done callback still queued: it
+    sorts after the reaped ones instead of failing the launcher (seen in CI)."""
+    from p2pdl.launch import reaped_order
+
+    a, b, c = "a", "b", "c"
+    assert reaped_order({b, a}, [b, a]) == [b, a]
+    assert reaped_order({a, b}, [b]) == [b, a]
+    assert reaped_order({c}, []) == [c]
+
+
 def test_launch_propagates_failure_and_leaves_no_process(tmp_path: Path) -> None:
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()

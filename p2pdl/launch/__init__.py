@@ -16,9 +16,12 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from typing import TypeVar
 
 from p2pdl.launch.procs import free_port, signal_group
+
+T = TypeVar("T", bound=Hashable)
 
 
 def cluster_env(
@@ -52,6 +55,14 @@ async def _pump(stream: asyncio.StreamReader, prefix: bytes, out: object) -> Non
             return
         buffer.write(prefix + line if line.endswith(b"\n") else prefix + line + b"\n")
         buffer.flush()
+
+
+def reaped_order(done: set[T], exit_order: list[T]) -> list[T]:
+    """Exits that landed in one wake-up, in the order they were reaped (`exit_order`, kept by
+    done callbacks); one whose callback has not run yet (it finished in the same loop pass
+    as `asyncio.wait` returned) comes after them."""
+    rank = {task: i for i, task in enumerate(exit_order)}
+    return sorted(done, key=lambda task: rank.get(task, len(exit_order)))
 
 
 async def _launch(
@@ -100,8 +111,7 @@ async def _launch(
     try:
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            # Several exits can land in one wake-up: take them in the order they were reaped.
-            for task in sorted(done, key=exit_order.index):
+            for task in reaped_order(done, exit_order):
                 code = task.result()
                 if code != 0 and failure is None:
                     failure = code

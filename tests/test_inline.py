@@ -212,3 +212,24 @@ def test_blocking_barriers_run_on_shared_memory_and_a_skipped_one_times_out() ->
             nodes[0].barrier(timeout=0.5)
         assert failed.value.missing == (1,), failed.value
         assert "barrier" in str(failed.value)
+
+
+def test_blocking_calls_on_tensors_and_shaped_arrays_run_inline_in_place() -> None:
+    """A CPU tensor and a 2-D array are reduced in place through the same inline path."""
+    import torch
+
+    with blocking_pair() as nodes:
+        before = [dict(node.node.collectives.inline_calls) for node in nodes]
+
+        def calls(node: SyncNode) -> tuple[float, float]:
+            tensor = torch.full((3, 5), float(node.rank + 1))
+            grid = np.full((4, 8), node.rank + 1.0, np.float64)
+            for _ in range(3):
+                node.allreduce(tensor, op="mean")
+                node.allreduce(grid)
+            return float(tensor[2, 4]), float(grid[3, 7])
+
+        assert on_both(nodes, calls) == [(1.5, 12.0)] * 2  # the sum doubles each time
+        after = [node.node.collectives.inline_calls for node in nodes]
+        for a, b in zip(after, before, strict=True):
+            assert a["finished"] + a["handed_off"] == b["finished"] + b["handed_off"] + 6

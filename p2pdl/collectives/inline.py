@@ -133,7 +133,7 @@ def start_inline(
 
         async def rest() -> None:
             async with arena.taking_turns(operation):  # free: nothing ran since the check
-                await finish(steps, need)
+                await finish(steps, need, operation)
 
         await operation.run(rest, lazy=True)
 

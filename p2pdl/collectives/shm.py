@@ -462,7 +462,7 @@ async def allreduce_shm(ctx: ReduceContext, arena: ShmArena) -> None:
     """
     async with arena.taking_turns(ctx.op):
         steps = call_steps(ctx, arena)
-        await finish(steps, advance(steps))
+        await finish(steps, advance(steps), ctx.op)
 
 
 class _Turn:
@@ -534,13 +534,18 @@ def advance(steps: Steps, value: Any = None, error: BaseException | None = None)
             return need
 
 
-async def finish(steps: Steps, need: Need | None) -> None:
-    """Carry out `steps` from `need` on the loop: sleep on waits, await work."""
+async def finish(steps: Steps, need: Need | None, op: Operation) -> None:
+    """Carry out `steps` from `need` on the loop, inside `op`'s `run`: sleep on waits, await
+    work (with `op` armed first: its deadline and loss watch cover whatever is awaited)."""
     while need is not None:
         value: Any = None
         error: BaseException | None = None
         try:
-            value = await (need.sleep() if isinstance(need, Wait) else need())
+            if isinstance(need, Wait):
+                value = await need.sleep()
+            else:
+                op.arm()
+                value = await need()
         except BaseException as exc:  # into the steps: they say "done", then it propagates
             error = exc
         need = advance(steps, value, error)
@@ -628,8 +633,6 @@ def _steps(
         PHASES.append(marks)
     nbytes = buf.nbytes
     large = nbytes >= INLINE_BYTES
-    if large:
-        op.arm()  # copies on the reduce thread, awaited: armed first (never inline)
     own = arena.own_segment(nbytes)  # SharedMemoryError here: nothing touched yet
     mine = own.half(parity, buf.dtype, buf.size)
     # The same slices as `sliced` and reduce_scatter/allgather: an owner's optimizer state

@@ -321,6 +321,7 @@ class Collectives:
             timeout=timeout,
             loop_time=loop_time,
             on_loop=on_loop,
+            patient=True,
         )
 
     async def _inline(
@@ -372,6 +373,7 @@ class Collectives:
             loop_time=loop_time,
             on_loop=on_loop,
             name="barrier",
+            patient=True,
         )
 
     @property

@@ -33,6 +33,7 @@ from p2pdl.collectives.context import OnSlice
 from p2pdl.collectives.dtypes import as_buffer, check_reduction
 from p2pdl.collectives.op import SUB_BITS, Operation
 from p2pdl.collectives.shm import INLINE_BYTES, advance, call_steps, finish
+from p2pdl.collectives.shmsync import PATIENT_YIELDS, YIELDS
 from p2pdl.errors import P2PDLError
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ def start_inline(
     name: str = "allreduce",
     on_slice: OnSlice | None = None,
     chunkwise: bool = False,
+    patient: bool = False,
 ) -> str | Finish | None:
     """Run `coll`'s allreduce of `array` on this thread as far as it goes without waiting.
 
@@ -69,7 +71,9 @@ def start_inline(
     a function on the loop thread (an error's abort frames); `name` is the collective's
     ("barrier": `Collectives.barrier` on shared memory). `on_slice` (`chunkwise` for an
     `on_chunk`) runs on this thread, as the normal path runs it for small slices (only on the
-    loop thread: the blocking facade passes none). Errors of the call itself are raised here.
+    loop thread: the blocking facade passes none); `patient`: off the loop, where a wait that
+    its spin does not meet costs two thread wake-ups, yield longer first
+    (`shmsync.PATIENT_YIELDS`). Errors of the call itself are raised here.
     """
     arena = coll.shm
     group = coll.group
@@ -113,7 +117,7 @@ def start_inline(
         kind=kind,
     )
     coll.last_algorithm = "shm"
-    steps = call_steps(ctx, arena)
+    steps = call_steps(ctx, arena, PATIENT_YIELDS if patient else YIELDS)
     try:
         need = advance(steps)
     except BaseException as exc:

@@ -502,7 +502,7 @@ class Wait:
 
     def spin(self) -> bool:
         """Whether it holds now or after the bounded spin (`shmsync.spin_until`)."""
-        self.left = shmsync.spin_until(self.ready, self.call.spin_s)
+        self.left = shmsync.spin_until(self.ready, self.call.spin_s, self.call.yields)
         return not self.left
 
     async def sleep(self) -> None:
@@ -554,7 +554,7 @@ async def finish(steps: Steps, need: Need | None, op: Operation) -> None:
 class _Call:
     """One shared-memory call on one rank: its sequence number and how it waits."""
 
-    def __init__(self, ctx: ReduceContext, arena: ShmArena, peers: list[int]) -> None:
+    def __init__(self, ctx: ReduceContext, arena: ShmArena, peers: list[int], yields: int) -> None:
         control, bell = arena.control, arena.bell
         assert control is not None and bell is not None
         found = arena.peer_set(peers)
@@ -567,6 +567,7 @@ class _Call:
         self.peer_blocks = found.block_list
         self.rings = found.rings
         self.spin_s = arena.spin_s(ctx.world_size)
+        self.yields = yields
 
     def say(self, word: int) -> None:
         self.control.words[word] = self.seq
@@ -608,11 +609,12 @@ class _Call:
         self.arena.last_use[parity] = self.seq
 
 
-def call_steps(ctx: ReduceContext, arena: ShmArena) -> Steps:
+def call_steps(ctx: ReduceContext, arena: ShmArena, yields: int = shmsync.YIELDS) -> Steps:
     """The steps of one shared-memory call (see the module docstring), from "current" to
-    "done" ("done" also when they fail or are abandoned)."""
+    "done" ("done" also when they fail or are abandoned); `yields`: how often a wait yields
+    the core before it gives up spinning, when ranks outnumber cores."""
     peers = ctx.peers
-    call = _Call(ctx, arena, peers)
+    call = _Call(ctx, arena, peers, yields)
     parity = arena.calls % 2
     arena.calls += 1
     call.say(CURRENT)

@@ -56,6 +56,13 @@ on this core gets it at once, instead of both paying a sleep and an eventfd wake
 allreduce 1.12 -> 0.94-0.96 ms, with less CPU)."""
 
 
+PATIENT_YIELDS = 300
+"""The same for a call running on the blocking facade's caller thread (`inline`): a wait it
+cannot meet there goes to the loop, two thread wake-ups, so it yields longer first
+(`bench allreduce -n 4 --sizes 4K --compare gloo,mpi`, five runs each, sync facade ÷ asyncio:
+1.03-1.48, median 1.12, with 20; 0.91-1.22, median 1.05, with 300)."""
+
+
 def supported() -> bool:
     """Whether this machine's memory order makes the counters safe without fences."""
     return platform.machine().lower() in ("x86_64", "amd64") and hasattr(os, "eventfd")
@@ -174,10 +181,10 @@ def ring(blocks: list[ControlBlock], fds: list[int]) -> None:
 
 
 def spin_until(
-    ready: dict[int, Callable[[], bool]], spin_s: float = 0.0
+    ready: dict[int, Callable[[], bool]], spin_s: float = 0.0, yields: int = YIELDS
 ) -> list[tuple[int, Callable[[], bool]]]:
     """Check `ready[p]()` for every peer `p`, polling up to `spin_s` (or, without spinning,
-    yielding the core `YIELDS` times); the peers still not ready."""
+    yielding the core `yields` times); the peers still not ready."""
     left = [(p, check) for p, check in ready.items() if not check()]
     if not left:
         return left
@@ -186,7 +193,7 @@ def spin_until(
         while left and time.perf_counter() < end:
             left = [(p, check) for p, check in left if not check()]
     else:
-        for _ in range(YIELDS):
+        for _ in range(yields):
             os.sched_yield()
             left = [(p, check) for p, check in left if not check()]
             if not left:

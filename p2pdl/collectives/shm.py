@@ -8,9 +8,13 @@ every rank has mapped the others' segments (`shmsync` says how ranks wait for ea
 1. every rank copies its buffer into its segment, except its own slice (the same slices as
    `sliced`), names the call in its control block and says "enter";
 2. the owner of each slice sums it straight out of its own buffer and every peer's segment,
-   in rank order, into its segment (or into its buffer when `on_slice` must see it first),
-   and says "out";
+   in rank order, into its segment (or into its buffer when `on_slice` must see it first;
+   into both in one pass for a two-rank plain sum), and says "out";
 3. every rank copies the other owners' results out of their segments, and its own.
+
+The steps are one synchronous generator (`call_steps`) that yields only what it must wait
+for; the loop drives it (`finish`), and a small call runs it where it is called until a wait
+its spin does not meet (`inline`).
 
 A segment some peer has not mapped yet (new, grown, or mapped only by a hierarchical call's
 members) has its 64-byte offer sent to every peer over the authenticated link on the call

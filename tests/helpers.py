@@ -17,7 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import uvloop
@@ -39,6 +42,24 @@ def run(coro: Coroutine[Any, Any, T], timeout: float = RUN_TIMEOUT) -> T:
             return await coro
 
     return uvloop.run(bounded())
+
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The repository (its `p2pdl` is the one the tests import)."""
+
+
+def launch(
+    n: int, *program: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`python -m p2pdl launch -n N program…` from the repository, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "p2pdl", "launch", "-n", str(n), *program],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        cwd=str(ROOT),
+    )
 
 
 def short_timeouts(**overrides: float) -> Timeouts:

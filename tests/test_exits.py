@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import subprocess
-import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -20,13 +18,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import make_cluster, run
+from helpers import launch, make_cluster, run
 
 from p2pdl.errors import PeerLostError
 from p2pdl.node import Node
 
 REPEATS = int(os.environ.get("P2PDL_EXIT_REPEATS", "2"))
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _allreduce(size: int) -> Callable[[Node], Any]:
@@ -151,15 +148,7 @@ def test_programs_that_end_right_after_their_last_collective_exit_cleanly(
 ) -> None:
     script = tmp_path / "last_call.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for _ in range(REPEATS + 1):
-        done = subprocess.run(
-            [sys.executable, "-m", "p2pdl", "launch", "-n", str(n), str(script)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=env,
-            cwd=str(ROOT),
-        )
+        done = launch(n, str(script))
         assert done.returncode == 0, done.stdout + done.stderr
         assert done.stdout.count("done") == n, done.stdout

@@ -7,20 +7,16 @@ rarely meet); threads of one process where a test must choose who waits for whom
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import short_timeouts
+from helpers import launch, short_timeouts
 
 import p2pdl
 from p2pdl.collectives.shmsync import CURRENT
@@ -28,22 +24,12 @@ from p2pdl.errors import CollectiveTimeoutError, PeerLostError
 from p2pdl.launch import free_port
 from p2pdl.sync import SyncNode
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def test_blocking_allreduces_run_inline_and_match_the_loop_bit_for_bit() -> None:
     """Two processes, 300 allreduces (1 to 70,000 elements, float32/float64, sum/mean):
     most finish on the caller's thread, every result equals `sliced`'s over TCP bit for bit,
     a mismatched call fails on both ranks as a mismatch, and the next call works."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-m", "p2pdl", "launch", "-n", "2", "tests/inline_worker.py", "300"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=str(ROOT),
-    )
+    done = launch(2, "tests/inline_worker.py", "300")
     assert done.returncode == 0, done.stdout + done.stderr
     reports = [
         json.loads(line.split("] ", 1)[1])

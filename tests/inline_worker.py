@@ -1,7 +1,8 @@
 """A blocking-facade program for tests/test_inline.py (run under `p2pdl launch`).
 
 Every rank makes the same sequence of small allreduces through `p2pdl.connect()` — most run
-on the caller's thread (`p2pdl.collectives.inline`) — and checks each result bit for bit
+on the caller's thread (`p2pdl.collectives.inline`), in the compiled small call unless told
+(argv[2]: ranks that leave every step to Python) — and checks each result bit for bit
 against the same sum over TCP (`sliced`, on the loop: the same slices, the same order), then
 a mismatched call, and one more call. Prints one JSON line per rank.
 """
@@ -15,14 +16,20 @@ import numpy as np
 
 import p2pdl
 from p2pdl.errors import CollectiveMismatchError
+from p2pdl.kernels import shmcall
 
 CALLS = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+PYTHON_RANKS = {int(r) for r in sys.argv[2].split(",")} if len(sys.argv) > 2 else set()
+"""Ranks that leave every step to Python (`P2PDL_SHM_COMPILED=0`), beside ranks that run
+the compiled small call: the two must work together."""
 SIZES = (1, 7, 1024, 70_000)
 
 
 def main() -> None:
     with p2pdl.connect() as node:
         rank = node.rank
+        if rank in PYTHON_RANKS:
+            shmcall.ENABLED = False
         collectives = node.node.collectives
         node.allreduce(np.ones(max(SIZES), np.float64))  # makes the segments
         differ = 0

@@ -5,6 +5,7 @@ They assert behaviour only (rows present, message counts), never speed.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +15,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess[str]:
+def _bench(
+    *args: str, timeout: float = 240.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "p2pdl", "bench", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -134,6 +138,7 @@ def test_allreduce_bench_times_the_sync_facade_and_breaks_shm_calls_into_phases(
         "allreduce", "--nodes", "2", "--sizes", "4K,256K", "--algorithms", "shm,shm-sync",
         "--compression", "none", "--compare", "none", "--repeat", "5", "--warmup", "1",
         "--phases", "--json", str(out),
+        env={"P2PDL_SHM_COMPILED": "0"},  # every step in Python, so each has its mark
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "where a shared-memory call's time goes" in done.stdout
@@ -151,6 +156,28 @@ def test_allreduce_bench_times_the_sync_facade_and_breaks_shm_calls_into_phases(
         # The memory bound: the bytes the call moves at what the memory gave each rank.
         assert row["stream_gbs"] > 0 and row["memory_bound_ms"] > 0, row
     assert "memory bound 256K: 1 MiB moved per rank" in done.stdout
+
+
+def test_allreduce_bench_phases_show_the_compiled_call_as_one_step(tmp_path) -> None:
+    import json
+
+    from p2pdl.kernels import shmcall
+
+    if not shmcall.available():
+        pytest.skip("the compiled call needs the JIT on x86-64")
+    out = tmp_path / "phases.json"
+    done = _bench(
+        "allreduce", "--nodes", "2", "--sizes", "4K", "--algorithms", "shm", "--compression",
+        "none", "--compare", "none", "--repeat", "9", "--warmup", "2", "--phases", "--json",
+        str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["correct"], row
+    # Calls that finished in the compiled call have "compiled" between before and after;
+    # any resumed in Python have their own steps' marks.
+    assert {"before", "after"} <= set(row["phases_ms"]), row
+    assert "compiled" in row["phases_ms"] or "wait-out" in row["phases_ms"], row
 
 
 def test_shm_traffic_model_counts_each_pass_over_the_buffer() -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import make_cluster, on_all, on_all_settled, run
 
-from p2pdl.collectives import shm, shmfd, shmsync
+from p2pdl.collectives import shm, shmfd
 from p2pdl.collectives.api import SHM_MIN_BYTES, choose_algorithm
 from p2pdl.errors import (
     CollectiveMismatchError,
@@ -23,6 +23,7 @@ from p2pdl.errors import (
     PeerLostError,
     SharedMemoryError,
 )
+from p2pdl.kernels import shmcall
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "memfd_create"), reason="no memfd_create on this system"
@@ -399,8 +400,8 @@ def test_a_silent_or_departing_rank_is_named_once_segments_are_set_up() -> None:
                 for node in nodes[:2]
             ]
             control = nodes[2].collectives.shm.controls
-            before = [control[r][1][shmsync.CURRENT] for r in (0, 1)]
-            while not all(control[r][1][shmsync.CURRENT] > before[r] for r in (0, 1)):
+            before = [control[r][1][shmcall.CURRENT] for r in (0, 1)]
+            while not all(control[r][1][shmcall.CURRENT] > before[r] for r in (0, 1)):
                 await asyncio.sleep(0)  # (until both have started: read from their blocks)
             started = loop.time()
             await nodes[2].close()
@@ -424,10 +425,10 @@ def test_barriers_go_through_shared_memory_once_it_is_in_use() -> None:
             warm = [np.ones(64, np.float32) for _ in nodes]
             await on_all(nodes, lambda node: node.allreduce(warm[node.rank]))
             control = nodes[0].collectives.shm.controls
-            before = [control[r][1][shmsync.DONE] for r in (1, 2)]
+            before = [control[r][1][shmcall.DONE] for r in (1, 2)]
             for _ in range(5):
                 await on_all(nodes, lambda node: node.barrier())
-            after = [control[r][1][shmsync.DONE] for r in (1, 2)]
+            after = [control[r][1][shmcall.DONE] for r in (1, 2)]
             assert all(a >= b + 5 for a, b in zip(after, before, strict=True)), (after, before)
             results = await asyncio.gather(
                 nodes[0].barrier(timeout=20),

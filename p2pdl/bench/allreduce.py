@@ -562,12 +562,15 @@ PHASE_NAMES = (
     "copy-own",
     "wait-out",
     "copy-out",
+    "compiled",
     "after",
     "total",
 )
 """A shared-memory call's phases (`shm.PHASES` marks), with what the API does before the
 first mark and after the last (argument checks, `auto`, operation setup, the sync facade's
-thread hops), and the call's whole time."""
+thread hops), and the call's whole time. A call that the compiled small call
+(`kernels.shmcall`) finished has one step, "compiled", between "before" and "after"; the
+median of each phase is over the calls that had it."""
 
 
 def _start_phases(cfg: Config, shm_module: Any) -> list[Any] | None:

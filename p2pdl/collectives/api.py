@@ -228,9 +228,10 @@ class Collectives:
         """The world group's collectives (itself, unless this is a subgroup's)."""
         self.label = ""
         """What this group's descriptors end with ("" for the world group)."""
-        self.inline_calls = {"finished": 0, "handed_off": 0}
-        """Blocking-facade allreduces run on the caller's thread: how many finished there,
-        how many were handed to the loop to finish (see `inline`)."""
+        self.inline_calls = {"compiled": 0, "finished": 0, "handed_off": 0}
+        """Allreduces run where they were called (`inline`): how many the compiled small
+        call finished, how many finished in the Python steps, how many were handed to the
+        loop to finish."""
         self._unretired: tuple[int, int] | None = None
         self.inline_shapes: dict[tuple[Any, ...], tuple[Any, ...] | None] = {}
         """What `inline` keeps per call shape (descriptor, timeout, peers; None: never

@@ -13,6 +13,13 @@ loss watcher and timer, and without argument handling beyond what such a call ne
   still running (the bridge says so, and keeps new work out meanwhile): the call takes the
   group's next operation number and this rank's segments, which loop-side calls also use.
 
+A plain float sum or mean runs in the compiled small call (`kernels.shmcall`: the same
+steps in one Numba function, a few microseconds where the Python steps take tens): it
+stops at the first wait its spin does not meet, or anything it cannot decide (a mismatch, a
+segment to fetch, a sleeping peer to ring), and the Python steps go on from there
+(`shm.Resume`). Its plan, per call shape, holds the addresses of the mapped segments and
+control blocks, so the arena drops it whenever one of those changes.
+
 The first wait that its spin does not meet hands the rest of the same steps to the loop,
 where they finish under a normal operation (deadline, lost peers, abort frames): the same
 protocol either way, so calls that finish here and calls that finish on a loop work
@@ -29,15 +36,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from p2pdl.collectives import shm
 from p2pdl.collectives.context import OnSlice
 from p2pdl.collectives.dtypes import as_buffer, check_reduction
-from p2pdl.collectives.op import SUB_BITS, Operation
-from p2pdl.collectives.shm import INLINE_BYTES, advance, call_steps, finish
-from p2pdl.collectives.shmsync import PATIENT_YIELDS, YIELDS
+from p2pdl.collectives.op import SUB_BITS, Group, Operation
+from p2pdl.collectives.shm import INLINE_BYTES, Resume, advance, call_steps, finish
+from p2pdl.collectives.shmsync import PATIENT_YIELDS, YIELDS, ring
 from p2pdl.errors import P2PDLError
+from p2pdl.kernels import shmcall
 
 if TYPE_CHECKING:
     from p2pdl.collectives.api import Collectives
+    from p2pdl.collectives.shm import Segment, ShmArena
 
 DONE = "done"
 """`start_inline` finished the call on the caller's thread."""
@@ -97,12 +107,24 @@ def start_inline(
     ):
         return None
     started = time.monotonic()
+    base = group.next_op_id() << SUB_BITS
+    resume: Resume | None = None
+    compiled = None
+    if on_slice is None:
+        compiled = _compiled_plan(arena, buf, reduction, descriptor, group)
+    if compiled is not None:
+        resume = _run_compiled(arena, compiled, buf, base, peers, patient)
+        if resume is None:
+            coll.last_algorithm = "shm"
+            coll.retire_later(base)
+            coll.inline_calls["compiled"] += 1
+            return DONE
     operation = Operation(
         group,
         name,
         descriptor,
         0.0,  # set on the loop if the call goes there
-        base=group.next_op_id() << SUB_BITS,
+        base=base,
         peers=peers,
         timeout=seconds,
     )
@@ -117,7 +139,7 @@ def start_inline(
         kind=kind,
     )
     coll.last_algorithm = "shm"
-    steps = call_steps(ctx, arena, PATIENT_YIELDS if patient else YIELDS)
+    steps = call_steps(ctx, arena, PATIENT_YIELDS if patient else YIELDS, resume)
     try:
         need = advance(steps)
     except BaseException as exc:
@@ -197,3 +219,116 @@ def _keep(coll: Collectives, key: tuple[Any, ...], rest: tuple[Any, ...] | None)
     if len(coll.inline_shapes) >= 64:
         coll.inline_shapes.clear()
     coll.inline_shapes[key] = rest
+
+
+class CompiledPlan:
+    """What the compiled small call (`kernels.shmcall`) needs for one call shape: its plan
+    (the addresses it reads and writes; `views` keep their mappings alive), the
+    descriptor's bytes and the mean's scale, as the Python steps would apply it."""
+
+    __slots__ = ("descriptor", "halves", "plan", "run", "scale", "scaled", "views")
+
+    def __init__(
+        self, run: Any, plan: np.ndarray, descriptor: np.ndarray, scale: Any, views: list[Any]
+    ) -> None:
+        self.run = run
+        self.plan = plan
+        self.descriptor = descriptor
+        self.scale = scale
+        self.scaled = bool(scale)
+        self.views = views
+        self.halves = np.zeros(plan[shmcall.N_AT], np.int64)
+        """Filled by each call: the half each peer named for it."""
+
+
+def _run_compiled(
+    arena: ShmArena,
+    compiled: CompiledPlan,
+    buf: np.ndarray,
+    base: int,
+    peers: list[int],
+    patient: bool,
+) -> Resume | None:
+    """Operation `base`'s call of `buf` in the compiled small call: None when it finished
+    there, else where the Python steps go on from (its sleeping peers rung first)."""
+    seq = (base >> SUB_BITS) + 1
+    parity = arena.calls % 2
+    arena.calls += 1
+    begun = time.perf_counter() if shm.PHASES is not None else 0.0
+    code = compiled.run(
+        compiled.plan,
+        compiled.descriptor,
+        buf,
+        compiled.halves,
+        seq,
+        parity,
+        arena.last_use[parity],
+        compiled.scale,
+        compiled.scaled,
+        PATIENT_YIELDS if patient else YIELDS,
+    )
+    stage = code & shmcall.STAGE
+    if stage != shmcall.AT_REUSE:
+        arena.last_use[parity] = seq
+    if code & shmcall.RING:
+        found = arena.peer_set(peers)
+        ring(found.block_list, found.rings)
+    if stage != shmcall.FINISHED:
+        return Resume(stage, parity, compiled.halves.tolist())
+    if shm.PHASES is not None:  # (a call resumed in Python marks its own steps)
+        shm.PHASES.append([("start", begun), ("compiled", time.perf_counter())])
+    return None
+
+
+def _compiled_plan(
+    arena: ShmArena, buf: np.ndarray, reduction: str, descriptor: str, group: Group
+) -> CompiledPlan | None:
+    """The plan of a call of `buf`'s shape (`reduction`: "sum" or "mean") in `group`, kept
+    by the arena until a segment or control block changes; None when the compiled call
+    cannot run it (no JIT here, or a segment not mapped or too small yet: the Python steps
+    see to that)."""
+    rank, n = group.rank, group.world_size
+    key = (buf.dtype.char, buf.size, descriptor)
+    found = arena.plans.get(key)
+    if found is not None or not shmcall.available():
+        return found
+    own, control = arena.own, arena.control_segment
+    if own is None or control is None or own.half_bytes < buf.nbytes:
+        return None
+    plan = np.zeros(shmcall.plan_words(n), np.int64)
+    plan[shmcall.N_AT], plan[shmcall.RANK_AT] = n, rank
+    plan[shmcall.SPIN_AT] = shmcall.spins(arena.spin_s(n))
+    plan[shmcall.YIELD_AT] = shmcall.sched_yield_address()
+    if not plan[shmcall.YIELD_AT]:
+        return None
+    views: list[Any] = []
+    for r, (lo, hi) in enumerate(arena.bounds(buf.size, n)):
+        if r == rank:
+            block, segment = control, own
+        elif r in arena.controls and r in arena.peers:
+            block, segment = arena.controls[r][0], arena.peers[r]
+        else:
+            return None
+        if segment.half_bytes < buf.nbytes or len(segment.ident) != shmcall.IDENT_BYTES:
+            return None
+        at = shmcall.RANKS_AT + r * shmcall.RANK_WORDS
+        plan[at + shmcall.LO], plan[at + shmcall.HI] = lo, hi
+        plan[at + shmcall.CONTROL] = _address(block, views)
+        plan[at + shmcall.HALF0] = start = _address(segment, views)
+        plan[at + shmcall.HALF1] = start + segment.half_bytes
+        ident = np.frombuffer(segment.ident, np.int64)
+        plan[at + shmcall.IDENT : at + shmcall.IDENT + ident.size] = ident
+    plan.flags.writeable = False
+    named = np.frombuffer(descriptor.encode()[: shmcall.DESC_MAX], np.uint8)
+    scale = buf.dtype.type(1.0 / n if reduction == "mean" else 0.0)
+    found = CompiledPlan(shmcall.compiled(buf.dtype.char), plan, named, scale, views)
+    arena.plans[key] = found
+    return found
+
+
+def _address(segment: Segment, views: list[Any]) -> int:
+    """Where `segment` is mapped (a view over it joins `views`: the mapping stays while the
+    plan does, even if the segment is closed first)."""
+    view = np.frombuffer(segment.mapping, np.uint8)
+    views.append(view)
+    return int(view.ctypes.data)

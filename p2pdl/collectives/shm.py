@@ -14,7 +14,9 @@ every rank has mapped the others' segments (`shmsync` says how ranks wait for ea
 
 The steps are one synchronous generator (`call_steps`) that yields only what it must wait
 for; the loop drives it (`finish`), and a small call runs it where it is called until a wait
-its spin does not meet (`inline`).
+its spin does not meet (`inline`). A small plain float sum or mean runs them compiled
+(`kernels.shmcall`, the same counters and data) and resumes them here only where that
+stops (`Resume`).
 
 A segment some peer has not mapped yet (new, grown, or mapped only by a hierarchical call's
 members) has its 64-byte offer sent to every peer over the authenticated link on the call
@@ -48,7 +50,7 @@ import mmap
 import os
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -67,17 +69,20 @@ from p2pdl.collectives.shmfd import (
     ident_of,
     sealed_memfd,
 )
-from p2pdl.collectives.shmsync import (
+from p2pdl.collectives.shmsync import ControlBlock, Doorbell
+from p2pdl.errors import CollectiveMismatchError, P2PDLError, SharedMemoryError
+from p2pdl.kernels.shmcall import (
+    AT_ENTER,
+    AT_OUT,
+    AT_REUSE,
+    CONTROL_BYTES,
     CURRENT,
     DONE,
     ENTER,
     OFFERED,
     OUT,
     PARITY,
-    ControlBlock,
-    Doorbell,
 )
-from p2pdl.errors import CollectiveMismatchError, P2PDLError, SharedMemoryError
 
 log = logging.getLogger("p2pdl.collectives")
 
@@ -202,6 +207,13 @@ class ShmArena:
         """Per set of peers, their control blocks and doorbells (dropped when those change)."""
         self._bounds: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {}
         """Slice bounds per (size, world size), kept: planning them costs more than 4 KiB."""
+        self.plans: dict[Any, Any] = {}
+        """The compiled small call's plans (`inline`): they hold the addresses of mapped
+        segments and control blocks, so every change of those drops them (`forget_plans`)
+        before anything is unmapped."""
+
+    def forget_plans(self) -> None:
+        self.plans.clear()
 
     def taking_turns(self, op: Operation) -> _Turn:
         """`async with` it to hold `turn` (after this rank's earlier calls, FIFO: under
@@ -231,6 +243,7 @@ class ShmArena:
         segment.fd = fd
         segment.id = next(self._ids)
         self.offer(segment)
+        self.forget_plans()
         self.own = segment
         if old is not None and old not in self.pending:
             old.close()  # (a pending one may still be fetched: `withdraw_pending` closes it)
@@ -251,9 +264,9 @@ class ShmArena:
         segment = self.control_segment
         if segment is None:
             self._fd_server()
-            fd = self.make_fd(shmsync.CONTROL_BYTES)
+            fd = self.make_fd(CONTROL_BYTES)
             try:
-                segment = Segment(fd, shmsync.CONTROL_BYTES, writable=True, label="control")
+                segment = Segment(fd, CONTROL_BYTES, writable=True, label="control")
                 self.bell = Doorbell()
             except OSError as exc:
                 os.close(fd)
@@ -270,8 +283,8 @@ class ShmArena:
         """Map peer `rank`'s control block (read-only) and keep its doorbell, as its offer
         `data` names them; ValueError or OSError as for `peer_segment`."""
         offer = Offer.parse(data)
-        if offer.size != shmsync.CONTROL_BYTES:
-            raise ValueError(f"a control block is {shmsync.CONTROL_BYTES} bytes, not {offer.size}")
+        if offer.size != CONTROL_BYTES:
+            raise ValueError(f"a control block is {CONTROL_BYTES} bytes, not {offer.size}")
         fds = await fetch_all(offer, deadline, 2)
         try:  # nothing awaits from here on: the descriptors are closed whatever happens
             check(fds[0], offer.size)
@@ -284,7 +297,7 @@ class ShmArena:
         finally:
             os.close(fds[0])
         segment.ident = offer.ident
-        self.drop_control(rank)
+        self.drop_control(rank)  # (and the plans)
         self.controls[rank] = (segment, ControlBlock(segment.mapping))
         self.bells[rank] = fds[1]
         self._peer_sets.clear()
@@ -317,6 +330,7 @@ class ShmArena:
 
     def drop_control(self, rank: int) -> None:
         self._peer_sets.clear()
+        self.forget_plans()
         old = self.controls.pop(rank, None)
         if old is not None:
             old[1].release()
@@ -374,6 +388,7 @@ class ShmArena:
         finally:
             os.close(fd)
         segment.ident = offer.ident
+        self.forget_plans()
         previous = self.peers.get(rank)
         if previous is not None:
             previous.close()
@@ -382,6 +397,7 @@ class ShmArena:
 
     def close(self) -> None:
         """Close every segment and the fd server (the memory goes with the last mapping)."""
+        self.forget_plans()
         for segment in self.pending:
             if segment is not self.own:
                 segment.close()
@@ -613,24 +629,46 @@ class _Call:
         self.arena.last_use[parity] = self.seq
 
 
-def call_steps(ctx: ReduceContext, arena: ShmArena, yields: int = shmsync.YIELDS) -> Steps:
+def call_steps(
+    ctx: ReduceContext,
+    arena: ShmArena,
+    yields: int = shmsync.YIELDS,
+    resume: Resume | None = None,
+) -> Steps:
     """The steps of one shared-memory call (see the module docstring), from "current" to
     "done" ("done" also when they fail or are abandoned); `yields`: how often a wait yields
-    the core before it gives up spinning, when ranks outnumber cores."""
+    the core before it gives up spinning, when ranks outnumber cores.
+
+    `resume`: the rest of a call that the compiled small call (`kernels.shmcall`) took
+    part of the way (a plain float sum or mean without `on_slice`, on segments every peer
+    has mapped, as it runs)."""
     peers = ctx.peers
     call = _Call(ctx, arena, peers, yields)
-    parity = arena.calls % 2
-    arena.calls += 1
-    call.say(CURRENT)
+    if resume is None:
+        resume = Resume(AT_REUSE, arena.calls % 2, ())
+        arena.calls += 1
+        call.say(CURRENT)
     try:
-        yield from _steps(ctx, arena, call, parity, peers)
+        yield from _steps(ctx, arena, call, resume, peers)
     finally:
         call.say(DONE)
 
 
+class Resume(NamedTuple):
+    """Where a call's steps start: `stage` (`kernels.shmcall.AT_REUSE`: "current" said;
+    `AT_ENTER`: its data in and "enter" said; `AT_OUT`: its slice reduced and "out" said),
+    on half `parity`; from `AT_OUT`, `halves[p]` is the half each peer named for it (read
+    before "out": a peer may move on to its next call once this rank has said it)."""
+
+    stage: int
+    parity: int
+    halves: Sequence[int]
+
+
 def _steps(
-    ctx: ReduceContext, arena: ShmArena, call: _Call, parity: int, peers: list[int]
+    ctx: ReduceContext, arena: ShmArena, call: _Call, resume: Resume, peers: list[int]
 ) -> Steps:
+    stage, parity, halves = resume
     op, buf = ctx.op, ctx.buf
     n, rank = ctx.world_size, ctx.rank
     marks: list[tuple[str, float]] | None = None
@@ -645,24 +683,79 @@ def _steps(
     # covers the same range whichever of them ran.
     bounds = arena.bounds(buf.size, n)
     lo, hi = bounds[rank]
-    yield from call.reusable(parity)
-    _mark(marks, "setup")
-    # This rank's own slice is summed straight from `buf`.
-    if large:
-        yield lambda: ctx.compute.run(nbytes, lambda: _copy_around(mine, buf, lo, hi))
-    else:
-        _copy_around(mine, buf, lo, hi)
-    _mark(marks, "copy-in")
-    # A segment some peer has not mapped (new, grown, or mapped only by the members of a
-    # hierarchical call) is offered again to every peer on this call, and the control block
-    # says so: each peer then takes the offer frame, whether or not it needs it.
-    offering = not own.mapped_by.issuperset(peers)
-    if offering:
-        offer = memoryview(arena.offer(own))
-        yield lambda: _send_all(op, peers, offer)
     descriptor = op.descriptor.encode()
-    call.control.enter(call.seq, parity, own.ident, descriptor, offered=offering)
-    shmsync.ring(call.peer_blocks, call.rings)
+    offering = False
+    if stage < AT_ENTER:
+        yield from call.reusable(parity)
+        _mark(marks, "setup")
+        # This rank's own slice is summed straight from `buf`.
+        if large:
+            yield lambda: ctx.compute.run(nbytes, lambda: _copy_around(mine, buf, lo, hi))
+        else:
+            _copy_around(mine, buf, lo, hi)
+        _mark(marks, "copy-in")
+        # A segment some peer has not mapped (new, grown, or mapped only by the members of a
+        # hierarchical call) is offered again to every peer on this call, and the control
+        # block says so: each peer then takes the offer frame, whether or not it needs it.
+        offering = not own.mapped_by.issuperset(peers)
+        if offering:
+            offer = memoryview(arena.offer(own))
+            yield lambda: _send_all(op, peers, offer)
+        call.control.enter(call.seq, parity, own.ident, descriptor, offered=offering)
+        shmsync.ring(call.peer_blocks, call.rings)
+    if stage < AT_OUT:
+        theirs, owned_in_buf = yield from _reduce_own(
+            ctx, arena, call, descriptor, mine, (lo, hi), large, marks
+        )
+        call.say(OUT)
+    else:  # the compiled call summed this rank's slice into `buf` and its segment
+        theirs = {p: arena.peers[p].half(halves[p], buf.dtype, buf.size) for p in peers}
+        owned_in_buf = True
+
+    def copy_own() -> None:
+        if ctx.on_slice is None and not owned_in_buf:
+            np.copyto(buf[lo:hi], mine[lo:hi])
+
+    def copy_theirs() -> None:
+        for p in peers:
+            a, b = bounds[p]
+            np.copyto(buf[a:b], theirs[p][a:b])
+
+    # This rank's own result first, while the other owners finish theirs.
+    if large:
+        yield lambda: ctx.compute.run((hi - lo) * buf.itemsize, copy_own)
+    else:
+        copy_own()
+    _mark(marks, "copy-own")
+    yield from call.until(OUT)
+    _mark(marks, "wait-out")
+    if large:
+        yield lambda: ctx.compute.run(nbytes, copy_theirs)
+    else:
+        copy_theirs()
+    _mark(marks, "copy-out")
+    if offering:
+        own.mapped_by.update(peers)  # each said "out" after mapping it
+    own.withdraw()
+
+
+def _reduce_own(
+    ctx: ReduceContext,
+    arena: ShmArena,
+    call: _Call,
+    descriptor: bytes,
+    mine: np.ndarray,
+    own_slice: tuple[int, int],
+    large: bool,
+    marks: list[tuple[str, float]] | None,
+) -> Generator[Need, Any, tuple[dict[int, np.ndarray], bool]]:
+    """Once every peer has entered: check that they called the same, map their halves,
+    and sum this rank's slice (`own_slice`) into its segment (and `buf` when `on_slice`
+    must see it, or for a fused two-rank sum); the peers' halves, and whether `buf` holds
+    this rank's result already."""
+    op, buf, rank, n, peers = ctx.op, ctx.buf, ctx.rank, ctx.world_size, ctx.peers
+    lo, hi = own_slice
+    nbytes = buf.nbytes
     yield from call.until(ENTER)
     _mark(marks, "wait-enter")
     theirs: dict[int, np.ndarray] = {}
@@ -717,33 +810,7 @@ def _steps(
             else:
                 ctx.reduce_now(mine[lo:hi], sources, final=True)
     _mark(marks, "reduce")
-    call.say(OUT)
-
-    def copy_own() -> None:
-        if ctx.on_slice is None and not owned_in_buf:
-            np.copyto(buf[lo:hi], mine[lo:hi])
-
-    def copy_theirs() -> None:
-        for p in peers:
-            a, b = bounds[p]
-            np.copyto(buf[a:b], theirs[p][a:b])
-
-    # This rank's own result first, while the other owners finish theirs.
-    if large:
-        yield lambda: ctx.compute.run((hi - lo) * buf.itemsize, copy_own)
-    else:
-        copy_own()
-    _mark(marks, "copy-own")
-    yield from call.until(OUT)
-    _mark(marks, "wait-out")
-    if large:
-        yield lambda: ctx.compute.run(nbytes, copy_theirs)
-    else:
-        copy_theirs()
-    _mark(marks, "copy-out")
-    if offering:
-        own.mapped_by.update(peers)  # each said "out" after mapping it
-    own.withdraw()
+    return theirs, owned_in_buf
 
 
 async def _send_all(op: Operation, peers: list[int], payload: memoryview) -> None:

@@ -37,12 +37,12 @@ import numpy as np
 from p2pdl import kernels
 from p2pdl.collectives.op import Operation
 
-CONTROL_BYTES = 4096
-CURRENT, ENTER, OUT, DONE, PARITY, DESC_LEN, OFFERED, ASLEEP = range(8)
-_IDENT_AT = 64
-_IDENT_BYTES = 32
-_DESC_AT = 128
-DESC_MAX = CONTROL_BYTES - _DESC_AT
+# The control block's layout is the compiled call's (`kernels.shmcall`).
+from p2pdl.kernels.shmcall import ASLEEP, DESC_LEN, DESC_MAX, ENTER, OFFERED, PARITY
+from p2pdl.kernels.shmcall import DESC_AT as _DESC_AT
+from p2pdl.kernels.shmcall import IDENT_AT as _IDENT_AT
+from p2pdl.kernels.shmcall import IDENT_BYTES as _IDENT_BYTES
+
 SPIN_S = 30e-6
 """How long a waiter polls its peers' blocks before it sleeps on its doorbell (only when
 every rank of the call has a core: a spinning rank would otherwise take its peer's)."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import functools
 import signal
 import threading
 import weakref
@@ -215,21 +214,19 @@ class SyncNode:
         keep up (`p2pdl.collectives.inline`): no hop to the loop thread and back.
         """
         timeout = kwargs.get("timeout")
-        plain = all(kwargs[k] is None for k in kwargs.keys() & _PLAIN_DEFAULTS)
-        if plain and kwargs.keys() <= _PLAIN_DEFAULTS | {"timeout"}:
-            start = functools.partial(
-                self.node.collectives.allreduce_inline,
-                array,
-                op=op,
-                algorithm=algorithm,
-                timeout=timeout,
-            )
-            if self._inline(start, timeout):
+        if not kwargs or (
+            kwargs.keys() <= _PLAIN_DEFAULTS | {"timeout"}
+            and all(kwargs[k] is None for k in kwargs.keys() & _PLAIN_DEFAULTS)
+        ):
+            start = self.node.collectives.allreduce_inline
+            if self._inline(start, timeout, array, op, algorithm, timeout):
                 return array
         return self._call(self.node.allreduce(array, op, algorithm, **kwargs), timeout)
 
-    def _inline(self, start: Callable[..., str | Finish | None], timeout: float | None) -> bool:
-        """Run a call on this thread (`start(loop_time=, on_loop=)`, see
+    def _inline(
+        self, start: Callable[..., str | Finish | None], timeout: float | None, *args: Any
+    ) -> bool:
+        """Run a call on this thread (`start(*args, loop_time, on_loop)`, see
         `p2pdl.collectives.inline`) if nothing handed to the loop is running, finishing on
         the loop if it must wait; False if it was not taken (nothing touched)."""
         if self._closed:
@@ -239,7 +236,7 @@ class SyncNode:
             if not bridge.idle:
                 return False
             loop = self._loop
-            taken = start(loop_time=loop.time, on_loop=loop.call_soon_threadsafe)
+            taken = start(*args, loop.time, loop.call_soon_threadsafe)
             if taken is None:
                 return False
             if taken != INLINE_DONE:
@@ -259,10 +256,10 @@ class SyncNode:
         """Blocking `Node.barrier`; on shared memory it runs on this thread while the peers
         keep up, as `allreduce` does."""
         timeout = kwargs.get("timeout")
-        if kwargs.keys() <= {"timeout"}:
-            start = functools.partial(self.node.collectives.barrier_inline, timeout=timeout)
-            if self._inline(start, timeout):
-                return
+        if kwargs.keys() <= {"timeout"} and self._inline(
+            self.node.collectives.barrier_inline, timeout, timeout
+        ):
+            return
         self._call(self.node.barrier(**kwargs), timeout)
 
     # The rest of the collective set: blocking `Node` methods (same arguments).

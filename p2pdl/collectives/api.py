@@ -304,16 +304,15 @@ class Collectives:
     def allreduce_inline(
         self,
         array: Any,
-        *,
-        op: str = "sum",
-        algorithm: str = "auto",
-        timeout: float | None = None,
+        op: str,
+        algorithm: str,
+        timeout: float | None,
         loop_time: Callable[[], float],
         on_loop: OnLoop,
     ) -> str | Finish | None:
         """The blocking facade's allreduce on the calling thread (see `inline`): `DONE`, a
         coroutine function to finish it on the loop, or None (not taken, nothing touched).
-        Only while nothing runs on the loop."""
+        Only while nothing runs on the loop. (Positional: it is on every small call's path.)"""
         return start_inline(
             self,
             array,
@@ -356,11 +355,7 @@ class Collectives:
         return True
 
     def barrier_inline(
-        self,
-        *,
-        timeout: float | None = None,
-        loop_time: Callable[[], float],
-        on_loop: OnLoop,
+        self, timeout: float | None, loop_time: Callable[[], float], on_loop: OnLoop
     ) -> str | Finish | None:
         """The blocking facade's barrier on the calling thread, as `allreduce_inline`."""
         if self.shm.usable is not True:

@@ -4,23 +4,25 @@ The steps of a shared-memory call (see ``p2pdl.collectives.shm``) are a few stor
 of counters in each rank's control block, copies and one sum. Run from Python they cost tens
 of microseconds of interpreter work per call; here they are one compiled function of the
 call's *plan* (an int64 array of addresses and bounds, made once per call shape), which
-returns where it stopped: at the first wait its bounded spin does not meet, at the first
+returns where it stopped: at the first wait its bounded spin does not meet, or at the first
 check it cannot pass (a mismatched call, a segment this rank has not mapped, a peer that
-moved on), or after a step some sleeping peer must be woken for. The caller goes on from
-there with the same steps in Python, which wait, raise and ring (nothing here can). A rank on
-one path and a rank on the other work together: both follow the same counters.
+moved on). The caller goes on from there with the same steps in Python, which sleep, raise
+and fetch (nothing here can). A rank on one path and a rank on the other work together:
+both follow the same counters, and both ring a peer that sleeps on its doorbell.
 
 This module owns the control block's layout (the collectives layer imports it from here).
 Every counter is stored with release and loaded with acquire semantics (plain moves on x86-64,
 but neither the compiler nor the processor may move the data's loads and stores across them),
 and a sequentially consistent fence separates a step from the read of the peers' ``ASLEEP``
-words, as ``shmsync.ring`` does.
+words, as ``shmsync.ring`` does. ``sched_yield`` and ``eventfd_write`` are called through
+their addresses in the plan, so the compiled function stays in Numba's on-disk cache.
 
-The plan (int64): ``[n, rank, spins, sched_yield's address]`` then, for each rank ``r`` in
-order, ``RANK_WORDS`` words: its slice's bounds (lo, hi), its control block's address, the
-addresses of its segment's two halves, and the 32-byte identity of that segment as four
-words. For this rank they describe its own block and segment; for a peer, what this rank
-has mapped of its.
+The plan (int64): ``[n, rank, spins, sched_yield's address, eventfd_write's address]`` then,
+for each rank ``r`` in order, ``RANK_WORDS`` words: its slice's bounds (lo, hi), its control
+block's address, the addresses of its segment's two halves, its doorbell (an eventfd this
+rank may ring; unused for itself), and the 32-byte identity of that segment as four words.
+For this rank they describe its own block and segment; for a peer, what this rank has mapped
+of its.
 """
 
 from __future__ import annotations
@@ -58,14 +60,11 @@ AT_ENTER = 2
 """It said "enter" and stopped before its reduction (waiting, or a check for Python to make)."""
 AT_OUT = 3
 """It reduced its slice, said "out", and stopped before copying the others' results."""
-STAGE = 3
-RING = 4
-"""Flag: a peer sleeps on its doorbell; ring it (the stage's last word is said)."""
 
-N_AT, RANK_AT, SPIN_AT, YIELD_AT = 0, 1, 2, 3
-RANKS_AT = 4
-RANK_WORDS = 9
-LO, HI, CONTROL, HALF0, HALF1, IDENT = range(6)
+N_AT, RANK_AT, SPIN_AT, YIELD_AT, BELL_AT = range(5)
+RANKS_AT = 5
+RANK_WORDS = 10
+LO, HI, CONTROL, HALF0, HALF1, DOORBELL, IDENT = range(7)
 
 
 def plan_words(n: int) -> int:
@@ -73,9 +72,11 @@ def plan_words(n: int) -> int:
     return RANKS_AT + n * RANK_WORDS
 
 
-def sched_yield_address() -> int:
-    """Where this process's C library has `sched_yield` (a plan's `YIELD_AT` word)."""
-    return int(ctypes.cast(ctypes.CDLL(None).sched_yield, ctypes.c_void_p).value or 0)
+def address_of(function: str) -> int:
+    """Where this process's C library has `function` ("sched_yield" for a plan's `YIELD_AT`
+    word, "eventfd_write" for its `BELL_AT`); 0 if it has none."""
+    found = getattr(ctypes.CDLL(None), function, None)
+    return 0 if found is None else int(ctypes.cast(found, ctypes.c_void_p).value or 0)
 
 
 @intrinsic
@@ -114,6 +115,21 @@ def _store(typingctx, address, value):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
+def _ring(typingctx, address, fd):  # type: ignore[no-untyped-def]
+    """Call ``eventfd_write(fd, 1)`` at `address` (its result ignored, as `shmsync.ring`
+    ignores a peer that has gone)."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        function = ir.FunctionType(i32, [i32, i64])
+        target = builder.inttoptr(args[0], function.as_pointer())
+        builder.call(target, [builder.trunc(args[1], i32), ir.Constant(i64, 1)])
+        return context.get_dummy_value()
+
+    return nt.void(nt.int64, nt.int64), codegen
+
+
+@intrinsic
 def _call_void(typingctx, address):  # type: ignore[no-untyped-def]
     """Call the C function `int f(void)` at `address` (`sched_yield`), ignoring its result."""
 
@@ -132,14 +148,14 @@ def _control(plan, r):  # type: ignore[no-untyped-def]
 
 @numba.njit(**INNER_OPTS)
 def _say(plan, word, seq):  # type: ignore[no-untyped-def]
-    """Store `seq` in this rank's `word`; whether a peer sleeps and must be rung."""
+    """Store `seq` in this rank's `word`, then ring the doorbell of every peer asleep on it
+    (as `shmsync.ring`: the fence orders the store before the reads of `ASLEEP`)."""
     n, rank = plan[N_AT], plan[RANK_AT]
     _store(_control(plan, rank) + 8 * word, seq)
     _seq_cst_fence()
-    for r in range(n):  # noqa: SIM110 (nopython mode compiles no generators)
+    for r in range(n):
         if r != rank and _load(_control(plan, r) + 8 * ASLEEP) != 0:
-            return True
-    return False
+            _ring(plan[BELL_AT], plan[RANKS_AT + r * RANK_WORDS + DOORBELL])
 
 
 @numba.njit(**INNER_OPTS)
@@ -210,8 +226,7 @@ def _small_allreduce(plan, desc, buf, halves, seq, parity, last, scale, scaled, 
     n, rank = plan[N_AT], plan[RANK_AT]
     own = RANKS_AT + rank * RANK_WORDS
     control = plan[own + CONTROL]
-    if _say(plan, CURRENT, seq):
-        return AT_REUSE | RING
+    _say(plan, CURRENT, seq)
     # This rank's half is free once no peer can read it for call `last` any more.
     if last != 0 and not _spin(plan, DONE, last, last, yields):
         return AT_REUSE
@@ -226,8 +241,7 @@ def _small_allreduce(plan, desc, buf, halves, seq, parity, last, scale, scaled, 
     _store(control + 8 * DESC_LEN, desc.size)
     _store(control + 8 * PARITY, parity)
     _store(control + 8 * OFFERED, 0)
-    if _say(plan, ENTER, seq):
-        return AT_ENTER | RING
+    _say(plan, ENTER, seq)
     if not _spin(plan, ENTER, seq, seq, yields):
         return AT_ENTER
     for r in range(n):
@@ -251,8 +265,7 @@ def _small_allreduce(plan, desc, buf, halves, seq, parity, last, scale, scaled, 
         if scaled:
             _scale_vec(mine[lo:hi], scale)
         _copy_vec(buf[lo:hi], mine[lo:hi])
-    if _say(plan, OUT, seq):
-        return AT_OUT | RING
+    _say(plan, OUT, seq)
     if not _spin(plan, OUT, seq, seq, yields):
         return AT_OUT
     for r in range(n):
@@ -262,8 +275,7 @@ def _small_allreduce(plan, desc, buf, halves, seq, parity, last, scale, scaled, 
             at = RANKS_AT + r * RANK_WORDS
             a, b = plan[at + LO], plan[at + HI]
             _copy_vec(buf[a:b], _half(plan, r, halves[r], buf)[a:b])
-    if _say(plan, DONE, seq):
-        return FINISHED | RING
+    _say(plan, DONE, seq)
     return FINISHED
 
 
@@ -306,8 +318,7 @@ def compiled(char: str) -> Callable[..., int]:
     rank for the half each peer names (filled once the peers have entered), the call's
     sequence number, the half it uses, the call that last used that half (0: none), and the
     mean's scale (with whether there is one), and how often a wait yields the core before
-    it stops when the plan says not to spin. Returns a stage, with `RING` when a peer must
-    be rung.
+    it stops when the plan says not to spin. Returns the stage it reached.
     """
     found = _COMPILED.get(char)
     if found is None:

@@ -8,6 +8,8 @@ Processes running it against each other are in tests/test_inline.py and tests/te
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -30,7 +32,8 @@ class World:
         self.plan = np.zeros(K.plan_words(n), np.int64)
         self.plan[K.N_AT], self.plan[K.RANK_AT] = n, rank
         self.plan[K.SPIN_AT] = 10
-        self.plan[K.YIELD_AT] = K.sched_yield_address()
+        self.plan[K.YIELD_AT] = K.address_of("sched_yield")
+        self.plan[K.BELL_AT] = K.address_of("eventfd_write")
         for r in range(n):
             at = K.RANKS_AT + r * K.RANK_WORDS
             self.plan[at + K.LO], self.plan[at + K.HI] = self.bounds[r]
@@ -38,6 +41,7 @@ class World:
             self.plan[at + K.HALF0] = self.segments[r].ctypes.data
             self.plan[at + K.HALF1] = self.segments[r].ctypes.data + size * self.dtype.itemsize
             self.plan[at + K.IDENT : at + K.IDENT + 4] = [r + 1, 7, 7, 7]
+            self.plan[at + K.DOORBELL] = -1  # (a test that rings gives it an eventfd)
         self.halves = np.zeros(n, np.int64)
 
     def half(self, r: int, parity: int) -> np.ndarray:
@@ -215,19 +219,29 @@ def test_a_peer_that_moved_past_the_call_is_left_to_python() -> None:
     assert world.run(data[0].copy(), 8) == K.AT_OUT
 
 
-def test_a_sleeping_peer_is_to_be_rung_after_the_step_it_may_wait_for() -> None:
-    """A peer asleep on its doorbell (its `ASLEEP` word set): the call stops right after
-    the step it said, with `RING` (the caller rings it, then goes on from there in Python),
-    even when the peer's block says it is far along already."""
-    world = World(2, 0, 10)
-    data = inputs(2, 10)
-    world.enter(1, 2, data[1])
-    world.out(1, 2, rank_order_sum(data))
-    world.blocks[1][K.ASLEEP] = 1
-    buf = data[0].copy()
-    assert world.run(buf, 2) == K.AT_REUSE | K.RING
-    assert (world.blocks[0][K.CURRENT], world.blocks[0][K.ENTER]) == (2, 0)
-    assert not world.half(0, 0).any()
+def test_a_sleeping_peer_is_rung_after_each_step() -> None:
+    """A peer asleep on its doorbell (its `ASLEEP` word set) is rung after every step this
+    rank says ("current", "enter", "out", "done": four rings on its eventfd); a peer that
+    spins is not rung at all."""
+    world = World(3, 0, 12)
+    data = inputs(3, 12)
+    expected = rank_order_sum(data)
+    bells = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(2)]
+    try:
+        for r, bell in zip((1, 2), bells, strict=True):
+            world.plan[K.RANKS_AT + r * K.RANK_WORDS + K.DOORBELL] = bell
+            world.enter(r, 2, data[r])
+            world.out(r, 2, expected)
+        world.blocks[1][K.ASLEEP] = 1
+        buf = data[0].copy()
+        assert world.run(buf, 2) == K.FINISHED
+        assert buf.tobytes() == expected.tobytes()
+        assert os.eventfd_read(bells[0]) == 4
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(bells[1])
+    finally:
+        for bell in bells:
+            os.close(bell)
 
 
 def test_without_spinning_a_wait_yields_the_core_and_stops() -> None:

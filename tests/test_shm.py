@@ -91,6 +91,39 @@ def test_shm_matches_sliced_bit_for_bit_and_auto_uses_it() -> None:
     run(body())
 
 
+def test_ranks_of_one_loop_resume_each_others_compiled_calls_and_stay_exact() -> None:
+    """Nodes of one process share a loop and its thread, so no compiled call ever meets a
+    running peer: each rings the peers asleep on the loop, stops at a wait, and the Python
+    steps resume it from there — at "enter" on the first rank of a call, at "out" on later
+    ones (with the halves its peers named). Every result is exact, sums and means, float32
+    and float64. (Threads that race a peer moving on to its next call:
+    tests/test_inline.py.)"""
+    n = 3
+
+    async def body() -> None:
+        async with make_cluster(n) as nodes:
+            warm = [np.ones(4096, np.float64) for _ in nodes]
+            await on_all(nodes, lambda node: node.allreduce(warm[node.rank]))
+
+            async def calls(node: Any) -> None:
+                for i in range(60):
+                    size, dtype = ((1000, np.float32), (37, np.float64), (4096, np.float32))[i % 3]
+                    op = "mean" if i % 4 == 0 else "sum"
+                    data = np.full(size, float(node.rank * 10 + i), dtype)
+                    await node.allreduce(data, op=op)
+                    total = sum(r * 10 + i for r in range(n))
+                    expected = dtype(total) * dtype(1 / n) if op == "mean" else total
+                    assert np.all(data == expected), (node.rank, i, data[:3], expected)
+
+            await asyncio.gather(*(calls(node) for node in nodes))
+            resumed = [node.collectives.shm.resumed for node in nodes]
+            if shmcall.available():
+                assert sum(r[shmcall.AT_OUT] for r in resumed) > 0, resumed
+                assert sum(r[shmcall.AT_ENTER] for r in resumed) > 0, resumed
+
+    run(body())
+
+
 def test_segments_grow_shrink_and_alternate_halves_between_other_collectives() -> None:
     """Sizes go up and down (segments grow; halves alternate) with broadcasts and sliced
     calls in between; every result is exact (small integers), and no segment's descriptor

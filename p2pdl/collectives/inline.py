@@ -16,8 +16,8 @@ loss watcher and timer, and without argument handling beyond what such a call ne
 A plain float sum or mean runs in the compiled small call (`kernels.shmcall`: the same
 steps in one Numba function, a few microseconds where the Python steps take tens): it
 stops at the first wait its spin does not meet, or anything it cannot decide (a mismatch, a
-segment to fetch, a sleeping peer to ring), and the Python steps go on from there
-(`shm.Resume`). Its plan, per call shape, holds the addresses of the mapped segments and
+segment to fetch), and the Python steps go on from there (`shm.Resume`); it rings sleeping
+peers itself. Its plan, per call shape, holds the addresses of the mapped segments and
 control blocks, so the arena drops it whenever one of those changes.
 
 The first wait that its spin does not meet hands the rest of the same steps to the loop,
@@ -41,7 +41,7 @@ from p2pdl.collectives.context import OnSlice
 from p2pdl.collectives.dtypes import as_buffer, check_reduction
 from p2pdl.collectives.op import SUB_BITS, Group, Operation
 from p2pdl.collectives.shm import INLINE_BYTES, Resume, advance, call_steps, finish
-from p2pdl.collectives.shmsync import PATIENT_YIELDS, YIELDS, ring
+from p2pdl.collectives.shmsync import PATIENT_YIELDS, YIELDS
 from p2pdl.errors import P2PDLError
 from p2pdl.kernels import shmcall
 
@@ -113,7 +113,7 @@ def start_inline(
     if on_slice is None:
         compiled = _compiled_plan(arena, buf, reduction, descriptor, group)
     if compiled is not None:
-        resume = _run_compiled(arena, compiled, buf, base, peers, patient)
+        resume = _run_compiled(arena, compiled, buf, base, patient)
         if resume is None:
             coll.last_algorithm = "shm"
             coll.retire_later(base)
@@ -246,11 +246,10 @@ def _run_compiled(
     compiled: CompiledPlan,
     buf: np.ndarray,
     base: int,
-    peers: list[int],
     patient: bool,
 ) -> Resume | None:
     """Operation `base`'s call of `buf` in the compiled small call: None when it finished
-    there, else where the Python steps go on from (its sleeping peers rung first)."""
+    there, else where the Python steps go on from."""
     seq = (base >> SUB_BITS) + 1
     parity = arena.calls % 2
     arena.calls += 1
@@ -267,12 +266,9 @@ def _run_compiled(
         compiled.scaled,
         PATIENT_YIELDS if patient else YIELDS,
     )
-    stage = code & shmcall.STAGE
+    stage = int(code)
     if stage != shmcall.AT_REUSE:
         arena.last_use[parity] = seq
-    if code & shmcall.RING:
-        found = arena.peer_set(peers)
-        ring(found.block_list, found.rings)
     if stage != shmcall.FINISHED:
         return Resume(stage, parity, compiled.halves.tolist())
     if shm.PHASES is not None:  # (a call resumed in Python marks its own steps)
@@ -298,15 +294,17 @@ def _compiled_plan(
     plan = np.zeros(shmcall.plan_words(n), np.int64)
     plan[shmcall.N_AT], plan[shmcall.RANK_AT] = n, rank
     plan[shmcall.SPIN_AT] = shmcall.spins(arena.spin_s(n))
-    plan[shmcall.YIELD_AT] = shmcall.sched_yield_address()
-    if not plan[shmcall.YIELD_AT]:
+    plan[shmcall.YIELD_AT] = shmcall.address_of("sched_yield")
+    plan[shmcall.BELL_AT] = shmcall.address_of("eventfd_write")
+    if not (plan[shmcall.YIELD_AT] and plan[shmcall.BELL_AT]):
         return None
     views: list[Any] = []
     for r, (lo, hi) in enumerate(arena.bounds(buf.size, n)):
         if r == rank:
             block, segment = control, own
-        elif r in arena.controls and r in arena.peers:
+        elif r in arena.controls and r in arena.peers and r in arena.bells:
             block, segment = arena.controls[r][0], arena.peers[r]
+            plan[shmcall.RANKS_AT + r * shmcall.RANK_WORDS + shmcall.DOORBELL] = arena.bells[r]
         else:
             return None
         if segment.half_bytes < buf.nbytes or len(segment.ident) != shmcall.IDENT_BYTES:

@@ -207,6 +207,9 @@ class ShmArena:
         """Per set of peers, their control blocks and doorbells (dropped when those change)."""
         self._bounds: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {}
         """Slice bounds per (size, world size), kept: planning them costs more than 4 KiB."""
+        self.resumed = [0] * 4
+        """Calls whose steps Python resumed where the compiled call stopped, per stage
+        (`kernels.shmcall.AT_REUSE` … `AT_OUT`)."""
         self.plans: dict[Any, Any] = {}
         """The compiled small call's plans (`inline`): they hold the addresses of mapped
         segments and control blocks, so every change of those drops them (`forget_plans`)
@@ -648,6 +651,8 @@ def call_steps(
         resume = Resume(AT_REUSE, arena.calls % 2, ())
         arena.calls += 1
         call.say(CURRENT)
+    else:
+        arena.resumed[resume.stage] += 1
     try:
         yield from _steps(ctx, arena, call, resume, peers)
     finally:

@@ -297,6 +297,7 @@ def _signature(dtype: nt.Type) -> nt.Signature:
 _LOCK = threading.Lock()
 _COMPILED: dict[str, Callable[..., int]] = {}
 _SPINS_PER_SECOND: list[float] = []
+_WARMING: set[str] = set()
 
 
 ENABLED = os.environ.get("P2PDL_SHM_COMPILED", "1") != "0"
@@ -312,7 +313,7 @@ def available() -> bool:
 
 def compiled(char: str) -> Callable[..., int]:
     """The compiled call for buffers of dtype `char` ("f" or "d"), compiled (or loaded from
-    the cache) on first use.
+    the cache) now if it was not yet, with the spin calibration (`spins`).
 
     Its arguments: the plan, the descriptor's bytes, the buffer, an array of one word per
     rank for the half each peer names (filled once the peers have entered), the call's
@@ -325,13 +326,24 @@ def compiled(char: str) -> Callable[..., int]:
         with _LOCK:
             found = _COMPILED.get(char)
             if found is None:
+                spins(0.0)
                 dtype = nt.float32 if char == "f" else nt.float64
                 found = numba.njit(_signature(dtype), **KERNEL_OPTS)(_small_allreduce)
                 _COMPILED[char] = found
     return found
 
 
-@numba.njit(nt.boolean(nt.Array(nt.int64, 1, "C", readonly=True)), **KERNEL_OPTS)
+def ready(char: str) -> Callable[..., int] | None:
+    """The compiled call for dtype `char` if it is ready; else None, and it is compiled (or
+    loaded: about 0.1 s from the cache, 2 s without) on a thread of its own meanwhile, so
+    that no collective waits for the JIT with its peers' deadlines running."""
+    found = _COMPILED.get(char)
+    if found is None and char not in _WARMING:
+        _WARMING.add(char)
+        threading.Thread(target=compiled, args=(char,), name="p2pdl-jit", daemon=True).start()
+    return found
+
+
 def _spin_never(plan):  # type: ignore[no-untyped-def]
     return _spin(plan, ENTER, 1, 1, 0)
 
@@ -340,13 +352,15 @@ def spins(seconds: float) -> int:
     """How many spin checks of a two-rank call take about `seconds` (measured once, on a
     wait that never holds)."""
     if not _SPINS_PER_SECOND:
+        signature = nt.boolean(nt.Array(nt.int64, 1, "C", readonly=True))
+        probe = numba.njit(signature, **KERNEL_OPTS)(_spin_never)
         block = np.zeros(CONTROL_BYTES // 8, np.int64)
         plan = np.zeros(plan_words(2), np.int64)
         plan[N_AT], plan[RANK_AT], plan[SPIN_AT] = 2, 0, 20_000
         for r in range(2):
             plan[RANKS_AT + r * RANK_WORDS + CONTROL] = block.ctypes.data
-        _spin_never(plan)  # (compiled or loaded first)
+        probe(plan)  # (compiled or loaded first)
         start = time.perf_counter()
-        _spin_never(plan)
+        probe(plan)
         _SPINS_PER_SECOND.append(20_000 / max(time.perf_counter() - start, 1e-9))
     return int(seconds * _SPINS_PER_SECOND[0])

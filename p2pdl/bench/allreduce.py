@@ -386,6 +386,10 @@ async def _worker(cfg: Config) -> None:
     report: dict[str, Any] = {"sizes": []}
     if plain is not None:
         await plain.start()
+    from p2pdl.kernels import shmcall
+
+    if shmcall.available():
+        shmcall.compiled("f")  # (users' first calls take the Python steps while it compiles)
     async with node:
         assert node.rank == rank, (node.rank, rank)
         if cfg.host_layout is not None and node.collectives is not None:

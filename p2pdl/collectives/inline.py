@@ -281,13 +281,16 @@ def _compiled_plan(
 ) -> CompiledPlan | None:
     """The plan of a call of `buf`'s shape (`reduction`: "sum" or "mean") in `group`, kept
     by the arena until a segment or control block changes; None when the compiled call
-    cannot run it (no JIT here, or a segment not mapped or too small yet: the Python steps
-    see to that)."""
+    cannot run it (no JIT here, not compiled yet, or a segment not mapped or too small yet:
+    the Python steps see to that)."""
     rank, n = group.rank, group.world_size
     key = (buf.dtype.char, buf.size, descriptor)
     found = arena.plans.get(key)
     if found is not None or not shmcall.available():
         return found
+    run = shmcall.ready(buf.dtype.char)
+    if run is None:
+        return None  # (being compiled: the Python steps meanwhile)
     own, control = arena.own, arena.control_segment
     if own is None or control is None or own.half_bytes < buf.nbytes:
         return None
@@ -319,7 +322,7 @@ def _compiled_plan(
     plan.flags.writeable = False
     named = np.frombuffer(descriptor.encode()[: shmcall.DESC_MAX], np.uint8)
     scale = buf.dtype.type(1.0 / n if reduction == "mean" else 0.0)
-    found = CompiledPlan(shmcall.compiled(buf.dtype.char), plan, named, scale, views)
+    found = CompiledPlan(run, plan, named, scale, views)
     arena.plans[key] = found
     return found
 

@@ -58,7 +58,10 @@ AT_REUSE = 1
 """It said "current" and stopped before writing its half (a peer may still read it)."""
 AT_ENTER = 2
 """It said "enter" and stopped before its reduction (waiting, or a check for Python to make)."""
-AT_OUT = 3
+AT_HOOK = 3
+"""It summed its slice into the buffer (and its segment) and stopped before "out": the
+owner's hook (`on_slice`) runs in Python, then its result goes into the segment."""
+AT_OUT = 4
 """It reduced its slice, said "out", and stopped before copying the others' results."""
 
 N_AT, RANK_AT, SPIN_AT, YIELD_AT, BELL_AT = range(5)
@@ -222,7 +225,9 @@ def _source(plan, r, rank, half, buf):  # type: ignore[no-untyped-def]
     return buf if r == rank else _half(plan, r, half, buf)
 
 
-def _small_allreduce(plan, desc, buf, halves, seq, parity, last, scale, scaled, yields):  # type: ignore[no-untyped-def]
+def _small_allreduce(  # type: ignore[no-untyped-def]
+    plan, desc, buf, halves, seq, parity, last, scale, scaled, yields, hooked
+):
     n, rank = plan[N_AT], plan[RANK_AT]
     own = RANKS_AT + rank * RANK_WORDS
     control = plan[own + CONTROL]
@@ -265,6 +270,8 @@ def _small_allreduce(plan, desc, buf, halves, seq, parity, last, scale, scaled, 
         if scaled:
             _scale_vec(mine[lo:hi], scale)
         _copy_vec(buf[lo:hi], mine[lo:hi])
+    if hooked and hi > lo:
+        return AT_HOOK
     _say(plan, OUT, seq)
     if not _spin(plan, OUT, seq, seq, yields):
         return AT_OUT
@@ -291,6 +298,7 @@ def _signature(dtype: nt.Type) -> nt.Signature:
         dtype,
         nt.boolean,
         nt.int64,
+        nt.boolean,
     )
 
 
@@ -318,8 +326,9 @@ def compiled(char: str) -> Callable[..., int]:
     Its arguments: the plan, the descriptor's bytes, the buffer, an array of one word per
     rank for the half each peer names (filled once the peers have entered), the call's
     sequence number, the half it uses, the call that last used that half (0: none), and the
-    mean's scale (with whether there is one), and how often a wait yields the core before
-    it stops when the plan says not to spin. Returns the stage it reached.
+    mean's scale (with whether there is one), how often a wait yields the core before it
+    stops when the plan says not to spin, and whether the owner has a hook to run on its
+    slice (`AT_HOOK`). Returns the stage it reached.
     """
     found = _COMPILED.get(char)
     if found is None:

@@ -86,6 +86,7 @@ class World:
                 self.dtype.type(scale or 0.0),
                 scale is not None,
                 int(kw.get("yields", 0)),  # type: ignore[call-overload]
+                bool(kw.get("hooked", False)),
             )
         )
 
@@ -138,6 +139,37 @@ def test_a_call_whose_peers_keep_up_finishes_with_the_rank_order_sum(
     assert bytes(block.view(np.uint8)[K.DESC_AT : K.DESC_AT + len(DESCRIPTOR)]) == DESCRIPTOR
     assert list(block[K.IDENT_AT // 8 : K.IDENT_AT // 8 + 4]) == [rank + 1, 7, 7, 7]
     assert list(world.halves) == [1 if r == rank else r % 2 for r in range(n)]
+
+
+def test_an_owner_with_a_hook_stops_before_out_with_its_slice_reduced() -> None:
+    """With a hook to run, the call stops once its slice is summed (into the buffer and its
+    segment), before "out", with the half each peer named; a rank that owns nothing (more
+    ranks than elements) has no hook to run and goes on."""
+    world = World(3, 1, 9)
+    data = inputs(3, 9)
+    expected = rank_order_sum(data, 1 / 3)
+    for r in (0, 2):
+        world.enter(r, 4, data[r], parity=1)
+        world.out(r, 4, expected, parity=1)
+    buf = data[1].copy()
+    assert world.run(buf, 4, scale=1 / 3, hooked=True) == K.AT_HOOK
+    assert buf[3:6].tobytes() == expected[3:6].tobytes()
+    assert world.half(1, 0)[3:6].tobytes() == expected[3:6].tobytes()
+    assert buf[:3].tobytes() == data[1][:3].tobytes()  # the others' slices not copied yet
+    assert world.blocks[1][K.OUT] == 0 and list(world.halves) == [1, 0, 1]
+
+    world = World(3, 2, 2)  # bounds (0, 0), (0, 1), (1, 2): every rank owns something...
+    world.bounds = [(0, 0), (0, 2), (2, 2)]  # ...unless told otherwise
+    for r in range(3):
+        at = K.RANKS_AT + r * K.RANK_WORDS
+        world.plan[at + K.LO], world.plan[at + K.HI] = world.bounds[r]
+    data = inputs(3, 2)
+    for r in (0, 1):
+        world.enter(r, 4, data[r])
+        world.out(r, 4, rank_order_sum(data))
+    buf = data[2].copy()
+    assert world.run(buf, 4, hooked=True) == K.FINISHED
+    assert buf.tobytes() == rank_order_sum(data).tobytes()
 
 
 def test_it_stops_where_a_peer_is_not_there_yet() -> None:

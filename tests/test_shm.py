@@ -193,7 +193,7 @@ def test_on_slice_runs_on_each_owner_and_its_writes_reach_everyone(style: str) -
             inline = [node.collectives.inline_calls for node in nodes]
             assert all(sum(c.values()) == 2 and not c["compiled"] for c in inline), (
                 inline
-            )  # (hooks: Python)
+            )  # (Python runs the hook and finishes)
 
     run(body())
 

@@ -13,12 +13,13 @@ loss watcher and timer, and without argument handling beyond what such a call ne
   still running (the bridge says so, and keeps new work out meanwhile): the call takes the
   group's next operation number and this rank's segments, which loop-side calls also use.
 
-A plain float sum or mean runs in the compiled small call (`kernels.shmcall`: the same
-steps in one Numba function, a few microseconds where the Python steps take tens): it
-stops at the first wait its spin does not meet, or anything it cannot decide (a mismatch, a
-segment to fetch), and the Python steps go on from there (`shm.Resume`); it rings sleeping
-peers itself. Its plan, per call shape, holds the addresses of the mapped segments and
-control blocks, so the arena drops it whenever one of those changes.
+Every such call runs in the compiled small call first (`kernels.shmcall`: the same steps
+in one Numba function, a few microseconds where the Python steps take tens): it stops at
+the first wait its spin does not meet, or anything it cannot decide (a mismatch, a segment
+to fetch), and the Python steps go on from there (`shm.Resume`); it rings sleeping peers
+itself. An owner's hook runs in Python between the compiled reduction and "out". Its
+plan, per call shape, holds the addresses of the mapped segments and control blocks, so the
+arena drops it whenever one of those changes.
 
 The first wait that its spin does not meet hands the rest of the same steps to the loop,
 where they finish under a normal operation (deadline, lost peers, abort frames): the same
@@ -109,11 +110,11 @@ def start_inline(
     started = time.monotonic()
     base = group.next_op_id() << SUB_BITS
     resume: Resume | None = None
-    compiled = None
-    if on_slice is None:
-        compiled = _compiled_plan(arena, buf, reduction, descriptor, group)
-    if compiled is not None:
-        resume = _run_compiled(arena, compiled, buf, base, patient)
+    compiled = _compiled_plan(arena, buf, reduction, descriptor, group)
+    if compiled is not None and (
+        on_slice is None or compiled.hook_bytes < coll.compute.inline_bytes
+    ):
+        resume = _run_compiled(arena, compiled, buf, base, patient, on_slice is not None)
         if resume is None:
             coll.last_algorithm = "shm"
             coll.retire_later(base)
@@ -226,10 +227,16 @@ class CompiledPlan:
     (the addresses it reads and writes; `views` keep their mappings alive), the
     descriptor's bytes and the mean's scale, as the Python steps would apply it."""
 
-    __slots__ = ("descriptor", "halves", "plan", "run", "scale", "scaled", "views")
+    __slots__ = ("descriptor", "halves", "hook_bytes", "plan", "run", "scale", "scaled", "views")
 
     def __init__(
-        self, run: Any, plan: np.ndarray, descriptor: np.ndarray, scale: Any, views: list[Any]
+        self,
+        run: Any,
+        plan: np.ndarray,
+        descriptor: np.ndarray,
+        scale: Any,
+        views: list[Any],
+        itemsize: int,
     ) -> None:
         self.run = run
         self.plan = plan
@@ -239,6 +246,10 @@ class CompiledPlan:
         self.views = views
         self.halves = np.zeros(plan[shmcall.N_AT], np.int64)
         """Filled by each call: the half each peer named for it."""
+        at = shmcall.RANKS_AT + int(plan[shmcall.RANK_AT]) * shmcall.RANK_WORDS
+        self.hook_bytes = int(plan[at + shmcall.HI] - plan[at + shmcall.LO]) * itemsize
+        """The bytes of this rank's slice (an owner's hook on more runs as `sliced` runs
+        it: reduced off the loop, not here)."""
 
 
 def _run_compiled(
@@ -247,9 +258,11 @@ def _run_compiled(
     buf: np.ndarray,
     base: int,
     patient: bool,
+    hooked: bool,
 ) -> Resume | None:
     """Operation `base`'s call of `buf` in the compiled small call: None when it finished
-    there, else where the Python steps go on from."""
+    there, else where the Python steps go on from (`hooked`: always before "out", where
+    they run the owner's hook)."""
     seq = (base >> SUB_BITS) + 1
     parity = arena.calls % 2
     arena.calls += 1
@@ -265,6 +278,7 @@ def _run_compiled(
         compiled.scale,
         compiled.scaled,
         PATIENT_YIELDS if patient else YIELDS,
+        hooked,
     )
     stage = int(code)
     if stage != shmcall.AT_REUSE:
@@ -322,7 +336,7 @@ def _compiled_plan(
     plan.flags.writeable = False
     named = np.frombuffer(descriptor.encode()[: shmcall.DESC_MAX], np.uint8)
     scale = buf.dtype.type(1.0 / n if reduction == "mean" else 0.0)
-    found = CompiledPlan(run, plan, named, scale, views)
+    found = CompiledPlan(run, plan, named, scale, views, buf.itemsize)
     arena.plans[key] = found
     return found
 

@@ -73,6 +73,7 @@ from p2pdl.collectives.shmsync import ControlBlock, Doorbell
 from p2pdl.errors import CollectiveMismatchError, P2PDLError, SharedMemoryError
 from p2pdl.kernels.shmcall import (
     AT_ENTER,
+    AT_HOOK,
     AT_OUT,
     AT_REUSE,
     CONTROL_BYTES,
@@ -207,9 +208,9 @@ class ShmArena:
         """Per set of peers, their control blocks and doorbells (dropped when those change)."""
         self._bounds: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {}
         """Slice bounds per (size, world size), kept: planning them costs more than 4 KiB."""
-        self.resumed = [0] * 4
+        self.resumed = [0] * 5
         """Calls whose steps Python resumed where the compiled call stopped, per stage
-        (`kernels.shmcall.AT_REUSE` … `AT_OUT`)."""
+        (`kernels.shmcall.AT_REUSE` … `AT_OUT`; index 0 unused)."""
         self.plans: dict[Any, Any] = {}
         """The compiled small call's plans (`inline`): they hold the addresses of mapped
         segments and control blocks, so every change of those drops them (`forget_plans`)
@@ -661,9 +662,10 @@ def call_steps(
 
 class Resume(NamedTuple):
     """Where a call's steps start: `stage` (`kernels.shmcall.AT_REUSE`: "current" said;
-    `AT_ENTER`: its data in and "enter" said; `AT_OUT`: its slice reduced and "out" said),
-    on half `parity`; from `AT_OUT`, `halves[p]` is the half each peer named for it (read
-    before "out": a peer may move on to its next call once this rank has said it)."""
+    `AT_ENTER`: its data in and "enter" said; `AT_HOOK`: its slice reduced, the owner's hook
+    to run; `AT_OUT`: its slice reduced and "out" said), on half `parity`; from `AT_HOOK`,
+    `halves[p]` is the half each peer named for it (read before "out": a peer may move on
+    to its next call once this rank has said it)."""
 
     stage: int
     parity: int
@@ -708,14 +710,17 @@ def _steps(
             yield lambda: _send_all(op, peers, offer)
         call.control.enter(call.seq, parity, own.ident, descriptor, offered=offering)
         shmsync.ring(call.peer_blocks, call.rings)
-    if stage < AT_OUT:
+    if stage < AT_HOOK:
         theirs, owned_in_buf = yield from _reduce_own(
             ctx, arena, call, descriptor, mine, (lo, hi), large, marks
         )
-        call.say(OUT)
     else:  # the compiled call summed this rank's slice into `buf` and its segment
         theirs = {p: arena.peers[p].half(halves[p], buf.dtype, buf.size) for p in peers}
         owned_in_buf = True
+        if stage == AT_HOOK:  # (its hook may change the result: then into the segment)
+            yield from _run_hook(ctx, buf[lo:hi], mine[lo:hi], lo, hi)
+    if stage < AT_OUT:
+        call.say(OUT)
 
     def copy_own() -> None:
         if ctx.on_slice is None and not owned_in_buf:
@@ -789,10 +794,7 @@ def _reduce_own(
                 yield lambda: _reduce_on_slice(ctx, result, sources, mine[lo:hi], lo, hi, large)
             else:
                 ctx.reduce_now(result, sources, final=True)
-                returned = ctx.on_slice(lo, hi, result)
-                if isinstance(returned, Awaitable):
-                    yield lambda: returned
-                np.copyto(mine[lo:hi], result)
+                yield from _run_hook(ctx, result, mine[lo:hi], lo, hi)
         else:
             sources = [buf[lo:hi] if p == rank else theirs[p][lo:hi] for p in range(n)]
             if nbytes < SMALL_BYTES and ctx.plain_sum:
@@ -816,6 +818,18 @@ def _reduce_own(
                 ctx.reduce_now(mine[lo:hi], sources, final=True)
     _mark(marks, "reduce")
     return theirs, owned_in_buf
+
+
+def _run_hook(
+    ctx: ReduceContext, result: np.ndarray, shared: np.ndarray, lo: int, hi: int
+) -> Steps:
+    """The owner's `on_slice` on its reduced slice `result` (awaited if it returns an
+    awaitable), then the slice as it left it into this rank's segment (`shared`)."""
+    assert ctx.on_slice is not None
+    returned = ctx.on_slice(lo, hi, result)
+    if isinstance(returned, Awaitable):
+        yield lambda: returned
+    np.copyto(shared, result)
 
 
 async def _send_all(op: Operation, peers: list[int], payload: memoryview) -> None:

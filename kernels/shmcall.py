@@ -228,6 +228,7 @@ def _source(plan, r, rank, half, buf):  # type: ignore[no-untyped-def]
 def _small_allreduce(  # type: ignore[no-untyped-def]
     plan, desc, buf, halves, seq, parity, last, scale, scaled, yields, hooked
 ):
+    """One rank's steps of a small call (arguments: see `compiled`); the stage reached."""
     n, rank = plan[N_AT], plan[RANK_AT]
     own = RANKS_AT + rank * RANK_WORDS
     control = plan[own + CONTROL]

@@ -217,6 +217,7 @@ class ShmArena:
         before anything is unmapped."""
 
     def forget_plans(self) -> None:
+        """Drop the compiled call's plans (a mapping they name is about to change)."""
         self.plans.clear()
 
     def taking_turns(self, op: Operation) -> _Turn:
@@ -644,8 +645,8 @@ def call_steps(
     the core before it gives up spinning, when ranks outnumber cores.
 
     `resume`: the rest of a call that the compiled small call (`kernels.shmcall`) took
-    part of the way (a plain float sum or mean without `on_slice`, on segments every peer
-    has mapped, as it runs)."""
+    part of the way (a plain float sum or mean, on segments every peer has mapped, as it
+    runs; with an owner's hook, at most up to the hook)."""
     peers = ctx.peers
     call = _Call(ctx, arena, peers, yields)
     if resume is None:
